@@ -1,0 +1,1 @@
+"""A webhook dispatcher daemon: publish an event in Postgres, every subscriber hears it over HTTP."""

@@ -1,0 +1,130 @@
+"""The composition root: database, migrations, pool, HTTP session, listener, worker, admin port.
+
+Everything is opened in one AsyncExitStack, so the order of opening is the reverse of the
+order of closing. Signals only set the stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from . import migrate
+from .admin import AdminState, build
+from .config import Settings, parse_listen
+from .embedded import EmbeddedPostgres, default_data_dir
+from .listen import Listener
+from .metrics import Metrics
+from .send import Sender, client_session
+from .worker import Worker
+
+log = structlog.get_logger(__name__)
+
+EMBEDDED_DATABASE = "dispatcher"
+SERVER_SETTINGS = {
+    "application_name": "dispatcher",
+    # A claim or a flush never spans an HTTP request; anything idle in a transaction is a bug
+    # that would hold back vacuum, so Postgres ends it.
+    "idle_in_transaction_session_timeout": "60000",
+}
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says what to fix."""
+
+
+async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
+    """The configured database URL, or an embedded server started for this process."""
+    if settings.database.url:
+        return settings.database.url
+    base = Path(settings.embedded.data_dir) if settings.embedded.data_dir else default_data_dir()
+    server = EmbeddedPostgres(base)
+    admin_dsn = await asyncio.to_thread(server.start)
+    stack.callback(server.stop)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        exists = await conn.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another instance created it between our check and our CREATE
+    finally:
+        await conn.close()
+    return server.dsn(EMBEDDED_DATABASE)
+
+
+async def apply_migrations(dsn: str) -> list[int]:
+    try:
+        conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StartupError(f"cannot connect to the database: {exc}") from None
+    try:
+        return await migrate.apply(conn)
+    finally:
+        await conn.close()
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the daemon until `stop` is set, or until one of its tasks dies."""
+    async with AsyncExitStack() as stack:
+        dsn = await open_database(stack, settings)
+        await apply_migrations(dsn)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=settings.database.pool_min, max_size=settings.database.pool_max,
+            server_settings=SERVER_SETTINGS,
+        )
+        stack.push_async_callback(pool.close)
+        session = await stack.enter_async_context(client_session(
+            settings.delivery.max_in_flight, settings.security.allow_private_networks))
+        metrics = Metrics()
+        sender = Sender(session, settings.delivery.response_capture_bytes, clock)
+        worker = Worker(pool, sender, settings.delivery, settings.security, metrics, clock=clock)
+        listener = Listener(dsn, worker.notify)
+
+        runner = web.AppRunner(build(AdminState(pool, listener, metrics)), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        host, port = parse_listen(settings.admin.listen)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.admin.listen}: {exc}") from None
+
+        side = [asyncio.create_task(listener.run(), name="listener"),
+                asyncio.create_task(worker.recorder.run(), name="recorder")]
+        work = asyncio.create_task(worker.run(), name="worker")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        log.info("dispatcher.started", admin=settings.admin.listen, owner=str(worker.owner))
+        if on_ready is not None:
+            on_ready()
+        try:
+            done, _ = await asyncio.wait([stopping, work, *side],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not stopping]
+            for task in crashed:
+                log.error("dispatcher.task_died", task=task.get_name(),
+                          error=repr(task.exception()) if not task.cancelled() else "cancelled")
+            log.info("dispatcher.stopping", in_flight=worker.in_flight)
+            worker.stop()
+            await asyncio.wait([work])
+        finally:
+            for task in (stopping, work, *side):
+                task.cancel()
+            await asyncio.gather(stopping, work, *side, return_exceptions=True)
+        if crashed:
+            raise StartupError(f"task {crashed[0].get_name()} died; see the log")
+        log.info("dispatcher.stopped")

@@ -1,0 +1,65 @@
+"""LISTEN for new work on a dedicated connection; reconnect when it drops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "dispatcher_work"
+
+
+class Listener:
+    """Calls `on_work` for every notification, and once after each (re)connect.
+
+    `connected` is what /readyz reports: while it is false the daemon still runs on its
+    timer and safety poll, but new work waits for the poll.
+    """
+
+    def __init__(self, dsn: str, on_work: Callable[[], None], *, retry_max: float = 5.0) -> None:
+        self._dsn = dsn
+        self._on_work = on_work
+        self._retry_max = retry_max
+        self.connected = False
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("listen.connect_failed", error=str(exc), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._retry_max)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            try:
+                await conn.add_listener(CHANNEL, self._notified)
+                self.connected = True
+                backoff = 0.1
+                log.info("listen.connected")
+                # Anything published while we were away was not heard: look now.
+                self._on_work()
+                await self._watch(conn, lost)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("listen.lost", error=str(exc))
+            finally:
+                self.connected = False
+                if not conn.is_closed():
+                    conn.terminate()
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Wait for the connection to drop; a cheap ping every few seconds finds a dead peer."""
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), 5.0)
+            except TimeoutError:
+                await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+
+    def _notified(self, *_: object) -> None:
+        self._on_work()

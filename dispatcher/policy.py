@@ -1,0 +1,138 @@
+"""The decision core: from (policy, attempt, outcome) to delivered / retry at T / give up. Pure."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class SuccessRule(StrEnum):
+    EXACTLY_200 = "exactly_200"
+    ANY_2XX = "2xx"
+    BELOW_400 = "below_400"
+
+    def accepts(self, status: int) -> bool:
+        if self is SuccessRule.EXACTLY_200:
+            return status == 200
+        if self is SuccessRule.ANY_2XX:
+            return 200 <= status < 300
+        return 100 <= status < 400
+
+
+class ErrorKind(StrEnum):
+    """Why an attempt got no HTTP status."""
+
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    DNS = "dns"
+    TLS = "tls"
+    NETWORK = "network"
+    REDIRECTS = "too_many_redirects"
+    BLOCKED = "blocked_address"
+    INVALID_URL = "invalid_url"
+    SETTINGS = "invalid_settings"
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one HTTP attempt produced: a status, or an error kind. Times are unix seconds."""
+
+    started_at: float
+    duration: float
+    status: int | None = None
+    error: ErrorKind | None = None
+    detail: str = ""
+    body_excerpt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When the next attempt is due.
+
+    With `delays`, retry n (0-based) waits delays[n], the last delay repeating; otherwise
+    it waits initial * factor**min(n, growth_limit - 1). `max_attempts` counts the first
+    attempt too; `max_age` is measured from the event's creation.
+    """
+
+    delays: tuple[float, ...] = ()
+    initial: float = 30.0
+    factor: float = math.e
+    growth_limit: int = 10
+    max_attempts: int | None = None
+    max_age: float | None = None
+
+    def delay(self, retry: int) -> float:
+        if self.delays:
+            return self.delays[min(retry, len(self.delays) - 1)]
+        return self.initial * self.factor ** min(retry, max(self.growth_limit - 1, 0))
+
+    def attempts_limit(self) -> int | None:
+        if self.max_attempts is not None:
+            return self.max_attempts
+        if self.delays:
+            return len(self.delays) + 1
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOn:
+    """Which failures are worth another attempt."""
+
+    server_errors: bool = True
+    client_errors: bool = True
+    other_statuses: bool = True
+    timeouts: bool = True
+    network: bool = True
+    tls: bool = True
+
+    def retries(self, outcome: Outcome) -> bool:
+        if outcome.status is not None:
+            if 500 <= outcome.status < 600:
+                return self.server_errors
+            if 400 <= outcome.status < 500:
+                return self.client_errors
+            return self.other_statuses
+        if outcome.error is ErrorKind.TIMEOUT:
+            return self.timeouts
+        if outcome.error is ErrorKind.TLS:
+            return self.tls
+        if outcome.error in (ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.SETTINGS):
+            return False
+        return self.network
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    success: SuccessRule = SuccessRule.ANY_2XX
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_on: RetryOn = field(default_factory=RetryOn)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    next_at: float | None = None
+
+
+def decide(policy: DeliveryPolicy, attempt: int, outcome: Outcome, created_at: float) -> Decision:
+    """Decide after attempt number `attempt` (1-based) of an event created at `created_at`."""
+    if outcome.status is not None and policy.success.accepts(outcome.status):
+        return Decision(Verdict.DELIVERED)
+    if not policy.retry_on.retries(outcome):
+        return Decision(Verdict.FAILED)
+    limit = policy.retry.attempts_limit()
+    if limit is not None and attempt >= limit:
+        return Decision(Verdict.FAILED)
+    finished = outcome.started_at + outcome.duration
+    next_at = finished + policy.retry.delay(attempt - 1)
+    if policy.retry.max_age is not None and next_at > created_at + policy.retry.max_age:
+        return Decision(Verdict.EXPIRED)
+    return Decision(Verdict.RETRY, next_at)

@@ -1,0 +1,89 @@
+"""The daemon's hot-path SQL, as named statements. Every one is set-based: one round trip a batch."""
+
+# Claim up to $2 due deliveries for lease owner $5, skipping rows other instances hold and
+# subscriptions this instance has saturated ($4). The lease is the due time itself: it is
+# pushed $3 seconds ahead, so a row whose owner died becomes due again with no sweeper.
+# $1 is the daemon's clock (unix seconds), the same clock that computed the retry times.
+CLAIM = """
+WITH due AS (
+    SELECT id FROM dispatcher.deliveries
+    WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND subscription_id <> ALL($4::uuid[])
+    ORDER BY due_at
+    LIMIT $2::int
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE dispatcher.deliveries d
+SET due_at = to_timestamp($1::float8 + $3::float8), lease_owner = $5
+FROM due, dispatcher.events e, dispatcher.subscriptions s
+WHERE d.id = due.id
+  AND e.id = d.event_id AND e.created_at = d.event_created_at
+  AND s.id = d.subscription_id
+RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
+          e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
+          s.url, s.secret, s.profile, s.settings::text AS settings, s.updated_at
+"""
+
+# Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once).
+RELEASE = """
+UPDATE dispatcher.deliveries SET due_at = to_timestamp($3::float8), lease_owner = NULL
+WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+"""
+
+# Record a batch of outcomes in one statement: append the attempts, move finished
+# deliveries to deliveries_done, push retried ones to their next due time. A row whose
+# lease another instance has taken since is left alone (its attempt is still recorded).
+RECORD = """
+WITH o AS (
+    SELECT delivery_id, subscription_id, attempt, to_timestamp(started) AS started_at,
+           duration_ms, status_code, error, excerpt, outcome, to_timestamp(next) AS next_at
+    FROM unnest(
+        $1::bigint[], $2::uuid[], $3::int[], $4::float8[], $5::float8[],
+        $6::int[], $7::text[], $8::text[], $9::text[], $10::float8[]
+    ) AS u(delivery_id, subscription_id, attempt, started, duration_ms,
+           status_code, error, excerpt, outcome, next)
+), attempts AS (
+    INSERT INTO dispatcher.attempts (delivery_id, subscription_id, attempt, started_at,
+                                     duration_ms, status_code, error, response_excerpt, outcome)
+    SELECT delivery_id, subscription_id, attempt, started_at, duration_ms,
+           status_code, error, excerpt, outcome
+    FROM o
+), finished AS (
+    DELETE FROM dispatcher.deliveries d USING o
+    WHERE d.id = o.delivery_id AND o.outcome <> 'retry' AND d.lease_owner = $11
+    RETURNING d.id, d.subscription_id, d.event_id, d.event_created_at, d.environment_id,
+              o.attempt, o.outcome, d.created_at, o.started_at, o.status_code, o.error
+), moved AS (
+    INSERT INTO dispatcher.deliveries_done
+        (id, subscription_id, event_id, event_created_at, environment_id, attempts, status,
+         created_at, finished_at, last_status, last_error)
+    SELECT id, subscription_id, event_id, event_created_at, environment_id, attempt, outcome,
+           created_at, now(), status_code, error
+    FROM finished
+), rescheduled AS (
+    UPDATE dispatcher.deliveries d
+    SET due_at = o.next_at, attempts = o.attempt, lease_owner = NULL,
+        last_attempt_at = o.started_at, last_status = o.status_code, last_error = o.error
+    FROM o
+    WHERE d.id = o.delivery_id AND o.outcome = 'retry' AND d.lease_owner = $11
+    RETURNING d.id
+)
+SELECT (SELECT count(*) FROM finished) AS finished,
+       (SELECT count(*) FROM rescheduled) AS rescheduled
+"""
+
+# The earliest due time of work that is not paused: what the timer should wake for.
+NEXT_DUE = """
+SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused
+"""
+
+# Queue gauges for /metrics: live deliveries (not paused), and how long the oldest due one
+# has waited. Leased rows carry their lease end as due time, so they count only once expired.
+QUEUE_STATS = """
+SELECT count(*) AS depth,
+       coalesce(extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now())), 0)
+           AS oldest_due_age
+FROM dispatcher.deliveries
+WHERE NOT paused
+"""
+
+PARTITIONS = "SELECT dispatcher.ensure_partitions(current_date, 3)"

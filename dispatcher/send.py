@@ -1,0 +1,111 @@
+"""The HTTP edge: one POST becomes an Outcome. Never raises for anything the receiver does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+
+from .netguard import BlockedAddressError, GuardedResolver
+from .policy import ErrorKind, Outcome
+from .profiles import EndpointSettings
+
+Clock = Callable[[], float]
+
+
+@asynccontextmanager
+async def client_session(max_connections: int, allow_private: bool) -> AsyncIterator[
+    aiohttp.ClientSession
+]:
+    """The one ClientSession of the daemon; its resolver refuses non-public addresses."""
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        resolver=GuardedResolver(allow_private),
+        enable_cleanup_closed=False,
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Content-Type"),
+        raise_for_status=False,
+    ) as session:
+        yield session
+
+
+class Sender:
+    def __init__(self, session: aiohttp.ClientSession, capture_bytes: int, clock: Clock) -> None:
+        self._session = session
+        self._capture = capture_bytes
+        self._clock = clock
+
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
+    ) -> Outcome:
+        started = self._clock()
+        t0 = time.perf_counter()
+        status: int | None = None
+        excerpt = ""
+        error: ErrorKind | None = None
+        detail = ""
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=endpoint.timeout, connect=endpoint.connect_timeout
+                ),
+                allow_redirects=endpoint.follow_redirects,
+                max_redirects=endpoint.max_redirects,
+                ssl=True if endpoint.verify_tls else False,
+            ) as response:
+                status = response.status
+                excerpt = await self._read_capped(response)
+        except Exception as exc:  # every failure of the exchange becomes an outcome
+            status = None
+            error, detail = classify(exc)
+        duration = time.perf_counter() - t0
+        return Outcome(
+            started_at=started, duration=duration, status=status, error=error,
+            detail=detail[:500], body_excerpt=excerpt,
+        )
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> str:
+        """At most `capture_bytes` of the body; the rest is never read (memory stays bounded)."""
+        chunks: list[bytes] = []
+        remaining = self._capture
+        while remaining > 0:
+            chunk = await response.content.read(remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if not response.content.at_eof():
+            # An unread remainder would make aiohttp drain it to reuse the connection.
+            response.close()
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def classify(exc: BaseException) -> tuple[ErrorKind, str]:
+    """Map a client exception to an ErrorKind and a short description."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return ErrorKind.TIMEOUT, detail
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return ErrorKind.TLS, detail
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, BlockedAddressError):
+            return ErrorKind.BLOCKED, str(exc.os_error)
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            return ErrorKind.DNS, detail
+        return ErrorKind.CONNECT, detail
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return ErrorKind.REDIRECTS, detail
+    if isinstance(exc, aiohttp.InvalidURL | ValueError):
+        return ErrorKind.INVALID_URL, detail
+    return ErrorKind.NETWORK, detail

@@ -1,0 +1,66 @@
+"""Signature schemes: the headers that let a receiver check a body came from us. Pure."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+
+Headers = dict[str, str]
+
+
+def new_secret() -> str:
+    """A Standard Webhooks style secret: whsec_ + base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key: the decoded bytes of a whsec_ secret, else the secret's UTF-8 bytes."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret[6:], validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def standard(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+    """Standard Webhooks v1; one signature per active secret (rotation)."""
+    ts = str(now_ms // 1000)
+    signed = f"{msg_id}.{ts}.".encode() + body
+    sigs = " ".join(
+        "v1," + base64.b64encode(_hmac(secret_key(s), signed)).decode() for s in secrets_
+    )
+    return {"webhook-id": msg_id, "webhook-timestamp": ts, "webhook-signature": sigs}
+
+
+def tillhub(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+    """Tillhub-Signature: t=<unix ms>,v1=<base64 HMAC-SHA256 of "<t>.<body>">."""
+    signed = f"{now_ms}.".encode() + body
+    parts = [f"t={now_ms}"] + [
+        "v1=" + base64.b64encode(_hmac(secret_key(s), signed)).decode() for s in secrets_
+    ]
+    return {"Tillhub-Signature": ",".join(parts)}
+
+
+def tilby(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+    """Hex HMAC-SHA256 of the body keyed by the shop's static token."""
+    return {"X-Tilby-Signature": hmac.new(secrets_[0].encode(), body, hashlib.sha256).hexdigest()}
+
+
+def none(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+    return {}
+
+
+SIGNERS: dict[str, Callable[[list[str], str, bytes, int], Headers]] = {
+    "standard": standard,
+    "tillhub": tillhub,
+    "tilby": tilby,
+    "none": none,
+}

@@ -1,0 +1,308 @@
+"""The dispatch loop: claim due deliveries, POST them concurrently, hand outcomes to the recorder.
+
+The loop sleeps until the earliest of: a retry's due time (the timer), a NOTIFY of new work,
+a freed send slot while a backlog waits, the safety poll, or stop. It never busy-polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+import structlog
+
+from . import queries
+from .config import DeliverySettings, SecuritySettings
+from .envelope import Message, render
+from .metrics import Metrics
+from .netguard import URLRejectedError, check_url
+from .policy import Decision, ErrorKind, Outcome, Verdict, decide
+from .profiles import EndpointSettings, SettingsError, resolve
+from .record import Recorder, Result
+from .schedule import WakeTimer
+from .send import Sender
+from .signing import SIGNERS
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    message: Message
+    attempt: int
+    url: str
+    secret: str
+    endpoint: EndpointSettings | SettingsError
+
+
+class Worker:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        sender: Sender,
+        settings: DeliverySettings,
+        security: SecuritySettings,
+        metrics: Metrics,
+        *,
+        clock: Clock = time.time,
+        owner: UUID | None = None,
+    ) -> None:
+        self.owner = owner or uuid.uuid4()
+        self.timer = WakeTimer()
+        self._pool = pool
+        self._sender = sender
+        self._settings = settings
+        self._security = security
+        self._metrics = metrics
+        self._clock = clock
+        self.recorder = Recorder(
+            pool, self.owner, self.timer, metrics,
+            interval=settings.flush_interval, max_batch=settings.flush_max,
+            on_flushed=self._wake_up,
+        )
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._want_claim = True
+        self._next_claim = 0.0
+        self._in_flight = 0
+        self._per_subscription: Counter[UUID] = Counter()
+        self._caps: dict[UUID, int] = {}
+        self._tasks: dict[asyncio.Task[None], Job] = {}
+        self._endpoints: dict[tuple[UUID, datetime], EndpointSettings | SettingsError] = {}
+        self._next_poll = 0.0
+        self._next_maintenance = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def notify(self) -> None:
+        """New work may be due (NOTIFY, reconnect, reactivation)."""
+        self._want_claim = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Dispatch until stop(); then drain within the grace period and release the rest."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                mono = loop.time()
+                if mono >= self._next_poll:
+                    await self._poll()
+                    self._next_poll = mono + self._settings.poll_interval
+                if self.timer.pop_due(self._clock()):
+                    self._want_claim = True
+                if self.timer.overflowed and not len(self.timer):
+                    self.timer.overflowed = False
+                    await self._arm_next_due()
+                free = self._settings.max_in_flight - self._in_flight
+                if self._want_claim and free > 0 and mono >= self._next_claim:
+                    await self._claim(free)
+                    continue
+                await self._sleep(mono, free)
+        finally:
+            await self._drain()
+
+    async def _sleep(self, mono: float, free: int) -> None:
+        delays = [self._next_poll - mono]
+        if self._want_claim and free > 0:
+            delays.append(self._next_claim - mono)
+        at = self.timer.next_at()
+        if at is not None:
+            delays.append(at - self._clock())
+        timeout = max(min(delays), 0.0)
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _claim(self, free: int) -> None:
+        limit = min(free, self._settings.claim_batch)
+        saturated = [s for s, n in self._per_subscription.items() if n >= self._caps.get(s, 0)]
+        now = self._clock()
+        try:
+            rows = await self._pool.fetch(
+                queries.CLAIM, now, limit, self._settings.lease_seconds, saturated, self.owner
+            )
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("claim").inc()
+            log.warning("claim.failed", error=str(exc))
+            self._next_claim = asyncio.get_running_loop().time() + 1.0
+            return
+        self._metrics.claims.inc()
+        self._metrics.claimed.inc(len(rows))
+        # A full batch means more is due: claim again as slots free up, but batch the claims.
+        self._want_claim = len(rows) == limit
+        self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
+        excess: list[int] = []
+        for row in rows:
+            job = self._job(row)
+            sid = job.message.subscription_id
+            cap = self._cap(job.endpoint)
+            self._caps[sid] = cap
+            if self._per_subscription[sid] >= cap:
+                excess.append(job.message.delivery_id)
+                continue
+            self._start(job)
+        if excess:
+            # More than the endpoint may take at once: back to the queue, due now, for
+            # whichever instance has room for it first.
+            self._want_claim = True
+            try:
+                await self._pool.execute(queries.RELEASE, excess, self.owner, now)
+            except _DB_ERRORS as exc:
+                self._metrics.db_errors.labels("release").inc()
+                log.warning("release.failed", deliveries=len(excess), error=str(exc))
+
+    def _cap(self, endpoint: EndpointSettings | SettingsError) -> int:
+        if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
+            return endpoint.max_in_flight
+        return self._settings.max_per_endpoint
+
+    def _job(self, row: asyncpg.Record) -> Job:
+        key = (row["subscription_id"], row["updated_at"])
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._resolve(row["profile"], row["settings"])
+            if len(self._endpoints) > 10_000:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return Job(
+            message=Message(
+                delivery_id=row["id"],
+                subscription_id=row["subscription_id"],
+                event_id=row["event_id"],
+                event_name=row["event_name"],
+                environment_id=row["environment_id"],
+                entity_instance_id=row["entity_instance_id"],
+                created_at=row["created_at"],
+                payload=row["payload"],
+            ),
+            attempt=row["attempts"] + 1,
+            url=row["url"],
+            secret=row["secret"],
+            endpoint=endpoint,
+        )
+
+    def _resolve(self, profile: str, settings: str) -> EndpointSettings | SettingsError:
+        try:
+            overrides: Any = orjson.loads(settings)
+            return resolve(profile, overrides, timeout=self._settings.timeout,
+                           connect_timeout=self._settings.connect_timeout)
+        except SettingsError as exc:
+            return exc
+
+    def _start(self, job: Job) -> None:
+        self._in_flight += 1
+        self._per_subscription[job.message.subscription_id] += 1
+        self._metrics.in_flight.set(self._in_flight)
+        task = asyncio.create_task(self._deliver(job))
+        self._tasks[task] = job
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        job = self._tasks.pop(task)
+        sid = job.message.subscription_id
+        self._in_flight -= 1
+        self._per_subscription[sid] -= 1
+        if self._per_subscription[sid] <= 0:
+            del self._per_subscription[sid]
+        self._metrics.in_flight.set(self._in_flight)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery.crashed", delivery_id=job.message.delivery_id,
+                      error=repr(task.exception()))
+        if self._want_claim:
+            self._wake.set()
+
+    async def _deliver(self, job: Job) -> None:
+        outcome = await self._attempt(job)
+        if isinstance(job.endpoint, SettingsError):
+            decision = Decision(Verdict.FAILED)
+        else:
+            decision = decide(job.endpoint.policy, job.attempt, outcome,
+                              job.message.created_at.timestamp())
+        self.recorder.add(Result(job.message.delivery_id, job.message.subscription_id,
+                                 job.attempt, outcome, decision))
+        log.debug("delivery.attempted", delivery_id=job.message.delivery_id,
+                  attempt=job.attempt, status=outcome.status, verdict=decision.verdict.value)
+
+    async def _attempt(self, job: Job) -> Outcome:
+        endpoint = job.endpoint
+        if isinstance(endpoint, SettingsError):
+            return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint))
+        try:
+            check_url(job.url, allow_http=self._security.allow_http,
+                      allow_private=self._security.allow_private_networks)
+        except URLRejectedError as exc:
+            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc))
+        sent_ns = time.time_ns()
+        body = render(endpoint.envelope, job.message, sent_ns)
+        headers = {"Content-Type": "application/json", "User-Agent": endpoint.user_agent}
+        headers.update(SIGNERS[endpoint.signature](
+            [job.secret], f"msg_{job.message.delivery_id}", body, sent_ns // 1_000_000))
+        return await self._sender.post(job.url, body, headers, endpoint)
+
+    async def _poll(self) -> None:
+        """The slow safety net: work other instances scheduled, gauges, partitions."""
+        self._want_claim = True
+        await self._arm_next_due()
+        try:
+            stats = await self._pool.fetchrow(queries.QUEUE_STATS)
+            self._metrics.queue_depth.set(stats["depth"])
+            self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
+            mono = asyncio.get_running_loop().time()
+            if mono >= self._next_maintenance:
+                await self._pool.execute(queries.PARTITIONS)
+                self._next_maintenance = mono + 3600
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("poll").inc()
+            log.warning("poll.failed", error=str(exc))
+
+    async def _arm_next_due(self) -> None:
+        try:
+            due = await self._pool.fetchval(queries.NEXT_DUE)
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("next_due").inc()
+            log.warning("next_due.failed", error=str(exc))
+            return
+        if due is not None:
+            self.timer.arm(due.timestamp())
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish within the grace period; release what did not."""
+        tasks = list(self._tasks)
+        if tasks:
+            log.info("worker.draining", in_flight=len(tasks),
+                     grace_period=self._settings.grace_period)
+            _, pending = await asyncio.wait(tasks, timeout=self._settings.grace_period)
+            unsent = [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if unsent:
+                try:
+                    await self._pool.execute(queries.RELEASE, unsent, self.owner, self._clock())
+                    log.info("worker.released", deliveries=len(unsent))
+                except _DB_ERRORS as exc:
+                    log.warning("release.failed", deliveries=len(unsent), error=str(exc))
+        await self.recorder.flush(give_up_after=self._settings.grace_period)
