@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -38,6 +39,14 @@ SERVER_SETTINGS = {
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What a started daemon tells whoever started it (tests, the systemd notifier)."""
+
+    worker: Worker
+    admin_url: str
 
 
 async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
@@ -77,7 +86,7 @@ async def serve(
     stop: asyncio.Event,
     *,
     clock: Callable[[], float] = time.time,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[Running], None] | None = None,
 ) -> None:
     """Run the daemon until `stop` is set, or until one of its tasks dies."""
     async with AsyncExitStack() as stack:
@@ -103,14 +112,16 @@ async def serve(
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.admin.listen}: {exc}") from None
+        bound_host, bound_port = runner.addresses[0][:2]
+        admin_url = f"http://{bound_host}:{bound_port}"
 
         side = [asyncio.create_task(listener.run(), name="listener"),
                 asyncio.create_task(worker.recorder.run(), name="recorder")]
         work = asyncio.create_task(worker.run(), name="worker")
         stopping = asyncio.create_task(stop.wait(), name="stop")
-        log.info("dispatcher.started", admin=settings.admin.listen, owner=str(worker.owner))
+        log.info("dispatcher.started", admin=admin_url, owner=str(worker.owner))
         if on_ready is not None:
-            on_ready()
+            on_ready(Running(worker, admin_url))
         try:
             done, _ = await asyncio.wait([stopping, work, *side],
                                          return_when=asyncio.FIRST_COMPLETED)

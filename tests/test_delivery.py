@@ -1,0 +1,234 @@
+"""End to end in one process: an inserted event becomes a delivered, retried, recorded POST."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from dispatcher.config import SecuritySettings
+
+from .helpers import (
+    HANG,
+    SECRET,
+    Receiver,
+    daemon,
+    poll_until,
+    publish,
+    settings_for,
+    subscribe,
+    verify_standard,
+)
+
+
+async def attempts_of(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await db.fetch(
+        "SELECT attempt, status_code, error, outcome, duration_ms, response_excerpt "
+        "FROM dispatcher.attempts ORDER BY delivery_id, attempt")
+    return rows
+
+
+async def wait_done(db: asyncpg.Connection, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await db.fetchval("SELECT count(*) FROM dispatcher.deliveries_done") < count:
+        assert time.monotonic() < deadline, "deliveries did not finish in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_delivers_a_signed_standard_webhook_and_records_it(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    sid = await subscribe(db, receiver.url())
+    async with daemon(settings_for(database)):
+        [event_id] = await publish(db, {"sku": "A-1", "price": 12.5})
+        await receiver.wait_for(1)
+        await wait_done(db, 1)
+
+    [request] = receiver.requests
+    assert request.headers["Content-Type"] == "application/json"
+    assert verify_standard(SECRET, request.headers, request.body)
+    body = request.json()
+    assert body["type"] == "products.create.v0"
+    assert body["data"] == {"sku": "A-1", "price": 12.5, "n": 1}
+    assert body["timestamp"].endswith("Z")
+    done = await db.fetchrow("SELECT * FROM dispatcher.deliveries_done")
+    assert (done["subscription_id"], done["event_id"]) == (sid, event_id)
+    assert (done["status"], done["attempts"], done["last_status"]) == ("delivered", 1, 200)
+    assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries") == 0
+    [attempt] = await attempts_of(db)
+    assert (attempt["status_code"], attempt["outcome"], attempt["response_excerpt"]) == (
+        200, "delivered", "ok")
+
+
+async def test_retries_fire_at_their_due_times(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    delays = [0.3, 0.6, 0.9]
+    await subscribe(db, receiver.url(), settings={"retry": {"delays": delays}})
+    receiver.plan("/hook", 500, 502, 503, then=200)
+    async with daemon(settings_for(database)):
+        await publish(db)
+        await receiver.wait_for(4, timeout=10)
+        await wait_done(db, 1)
+
+    times = [r.at for r in receiver.requests]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for gap, delay in zip(gaps, delays, strict=True):
+        assert delay - 0.01 <= gap <= delay + 0.15, (gaps, delays)
+    assert [a["outcome"] for a in await attempts_of(db)] == [
+        "retry", "retry", "retry", "delivered"]
+    assert [a["status_code"] for a in await attempts_of(db)] == [500, 502, 503, 200]
+
+
+async def test_gives_up_after_the_last_attempt(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url(), settings={"retry": {"delays": [0.05], "max_attempts": 3}})
+    receiver.plan("/hook", then=500)
+    async with daemon(settings_for(database)):
+        await publish(db)
+        await wait_done(db, 1)
+    assert len(receiver.requests) == 3
+    assert [a["outcome"] for a in await attempts_of(db)] == ["retry", "retry", "failed"]
+    done = await db.fetchrow("SELECT status, attempts, last_status FROM dispatcher.deliveries_done")
+    assert tuple(done) == ("failed", 3, 500)
+
+
+async def test_a_receiver_that_never_answers_times_out(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url(), settings={"timeout": 0.5, "retry": {"max_attempts": 1}})
+    receiver.plan("/hook", then=HANG)
+    async with daemon(settings_for(database)):
+        await publish(db)
+        await wait_done(db, 1)
+    [attempt] = await attempts_of(db)
+    assert attempt["status_code"] is None
+    assert attempt["error"].startswith("timeout")
+    assert 450 <= attempt["duration_ms"] <= 1500
+
+
+async def test_refused_connection_is_classified_and_retried(
+    database: str, db: asyncpg.Connection
+) -> None:
+    await subscribe(db, "http://127.0.0.1:9/hook",
+                    settings={"retry": {"delays": [0.05], "max_attempts": 2}})
+    async with daemon(settings_for(database)):
+        await publish(db)
+        await wait_done(db, 1)
+    attempts = await attempts_of(db)
+    assert [a["outcome"] for a in attempts] == ["retry", "failed"]
+    assert all(a["error"].startswith("connect") for a in attempts)
+
+
+async def test_private_destinations_are_refused_at_send_time_unless_allowed(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url())
+    settings = settings_for(database)
+    settings = replace(settings, security=SecuritySettings(allow_http=True,
+                                                           allow_private_networks=False))
+    async with daemon(settings):
+        await publish(db)
+        await wait_done(db, 1)
+    assert receiver.requests == []
+    [attempt] = await attempts_of(db)
+    assert attempt["outcome"] == "failed"
+    assert attempt["error"].startswith("blocked_address")
+
+
+async def test_a_slow_endpoint_does_not_starve_healthy_ones(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url("/slow"), ["slow.*"], settings={"timeout": 20})
+    await subscribe(db, receiver.url("/fast"), ["fast.*"])
+    receiver.plan("/slow", then=HANG)
+    settings = settings_for(database, max_in_flight=8, max_per_endpoint=3, claim_batch=8)
+    async with daemon(settings) as running:
+        await publish(db, event="slow.create.v0", count=30)
+        await receiver.wait_for(3, "/slow")
+        await publish(db, event="fast.create.v0", count=40)
+        await receiver.wait_for(40, "/fast", timeout=5)
+        assert len(receiver.at("/slow")) == 3, "the slow endpoint never gets more than its cap"
+
+        async def only_slow_in_flight() -> bool:
+            return running.worker.in_flight == 3
+
+        await poll_until(only_slow_in_flight)
+
+
+async def test_paused_deliveries_wait_for_reactivation(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    sid = await subscribe(db, receiver.url())
+    await db.execute("UPDATE dispatcher.subscriptions SET active = false WHERE id = $1", sid)
+    await db.execute("UPDATE dispatcher.subscriptions SET active = true WHERE id = $1", sid)
+    await publish(db, count=2)
+    await db.execute("UPDATE dispatcher.subscriptions SET active = false WHERE id = $1", sid)
+    async with daemon(settings_for(database)) as running:
+        await asyncio.sleep(0.3)
+        assert receiver.requests == [] and running.worker.in_flight == 0
+        await db.execute("UPDATE dispatcher.subscriptions SET active = true WHERE id = $1", sid)
+        await receiver.wait_for(2)
+        await wait_done(db, 2)
+
+
+async def test_two_daemons_never_send_the_same_delivery_twice(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url("/a"), ["products.*"])
+    await subscribe(db, receiver.url("/b"), ["products.*"])
+    settings = settings_for(database, claim_batch=20, max_in_flight=40)
+    async with daemon(settings) as one, daemon(settings) as two:
+        for _ in range(10):
+            await publish(db, count=30)
+        await wait_done(db, 600, timeout=30)
+        assert one.worker.owner != two.worker.owner
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert len(ids) == 600
+    assert len(set(ids)) == 600, "a delivery was sent twice"
+    per_owner = await db.fetch("SELECT count(*) FROM dispatcher.attempts GROUP BY subscription_id")
+    assert sorted(r["count"] for r in per_owner) == [300, 300]
+
+
+async def test_health_readiness_and_metrics_are_exposed(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url())
+    receiver.plan("/hook", 500)
+    await subscribe(db, receiver.url("/other"), settings={"retry": {"delays": [0.05]}})
+    async with daemon(settings_for(database)) as running, aiohttp.ClientSession() as http:
+        await publish(db)
+        await wait_done(db, 1)
+        async with http.get(running.admin_url + "/healthz") as r:
+            assert r.status == 200
+        async with http.get(running.admin_url + "/readyz") as r:
+            assert r.status == 200
+            body: dict[str, Any] = await r.json()
+            assert body["checks"] == {"database": True, "listener": True}
+        async with http.get(running.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'dispatcher_attempts_total{status_class="2xx",verdict="delivered"} 1.0' in text
+    assert 'dispatcher_deliveries_total{outcome="delivered"} 1.0' in text
+    for name in ("dispatcher_in_flight", "dispatcher_queue_depth",
+                 "dispatcher_oldest_due_age_seconds", "dispatcher_attempt_duration_seconds_bucket"):
+        assert name in text
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 64])
+async def test_a_backlog_is_burned_down_with_batched_claims(
+    database: str, db: asyncpg.Connection, receiver: Receiver, max_in_flight: int
+) -> None:
+    await subscribe(db, receiver.url())
+    await publish(db, count=300)
+    settings = settings_for(database, max_in_flight=max_in_flight, max_per_endpoint=64)
+    async with daemon(settings) as running:
+        await wait_done(db, 300, timeout=30)
+        metrics = running.worker
+    assert len(receiver.requests) == 300
+    assert metrics.in_flight == 0
