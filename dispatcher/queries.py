@@ -1,14 +1,32 @@
 """The daemon's hot-path SQL, as named statements. Every one is set-based: one round trip a batch."""
 
-# Claim up to $2 due deliveries for lease owner $5, skipping rows other instances hold and
-# subscriptions this instance has saturated ($4). The lease is the due time itself: it is
-# pushed $3 seconds ahead, so a row whose owner died becomes due again with no sweeper.
-# $1 is the daemon's clock (unix seconds), the same clock that computed the retry times.
+# Claim up to $2 due deliveries for lease owner $5, at most a per-subscription share each:
+# $6/$7 give the room left for subscriptions this instance already sends to, others get
+# their "max_in_flight" setting or the default $8; subscriptions with no room are
+# skipped ($4). Rows other instances hold are skipped too. The lease is the due time
+# itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due again with
+# no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the retry times.
 CLAIM = """
-WITH due AS (
-    SELECT id FROM dispatcher.deliveries
-    WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND subscription_id <> ALL($4::uuid[])
+WITH candidates AS (
+    SELECT id, subscription_id, due_at FROM dispatcher.deliveries
+    WHERE due_at <= to_timestamp($1::float8) AND NOT paused
+      AND subscription_id <> ALL($4::uuid[])
     ORDER BY due_at
+    LIMIT $2::int * 4
+), shared AS (
+    SELECT c.id FROM (
+        SELECT id, subscription_id, due_at,
+               row_number() OVER (PARTITION BY subscription_id ORDER BY due_at) AS rank
+        FROM candidates
+    ) c
+    JOIN dispatcher.subscriptions s ON s.id = c.subscription_id
+    LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
+      ON room.subscription_id = c.subscription_id
+    WHERE c.rank <= coalesce(room.free, (s.settings->>'max_in_flight')::int, $8::int)
+), due AS (
+    SELECT d.id FROM dispatcher.deliveries d
+    WHERE d.id IN (SELECT id FROM shared) AND d.due_at <= to_timestamp($1::float8)
+    ORDER BY d.due_at
     LIMIT $2::int
     FOR UPDATE SKIP LOCKED
 )

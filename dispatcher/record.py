@@ -43,7 +43,7 @@ class Recorder:
         *,
         interval: float,
         max_batch: int,
-        on_flushed: Callable[[], None],
+        on_flushed: Callable[[list[Result]], None],
     ) -> None:
         self._pool = pool
         self._owner = owner
@@ -96,13 +96,14 @@ class Recorder:
                     if deadline is not None and loop.time() + backoff > deadline:
                         # Their leases run out and the deliveries are sent again: at least once.
                         log.error("record.abandoned", results=len(batch), error=str(exc))
+                        self._on_flushed(batch)
                         return
                     log.warning("record.retrying", results=len(batch), error=str(exc),
                                 backoff=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         self._account(batch)
-        self._on_flushed()
+        self._on_flushed(batch)
 
     async def _write(self, batch: list[Result]) -> None:
         await self._pool.fetchrow(

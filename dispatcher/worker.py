@@ -70,7 +70,7 @@ class Worker:
         self.recorder = Recorder(
             pool, self.owner, self.timer, metrics,
             interval=settings.flush_interval, max_batch=settings.flush_max,
-            on_flushed=self._wake_up,
+            on_flushed=self._recorded,
         )
         self._wake = asyncio.Event()
         self._stopping = False
@@ -97,8 +97,23 @@ class Worker:
         self._stopping = True
         self._wake.set()
 
-    def _wake_up(self) -> None:
+    def _recorded(self, results: list[Result]) -> None:
+        """A delivery holds its slot until its outcome is written: at a crash, what was
+        claimed and not recorded (and so may be sent again) never exceeds max_in_flight."""
+        for result in results:
+            self._release_slot(result.subscription_id)
         self._wake.set()
+
+    def _release_slot(self, sid: UUID) -> None:
+        if self._per_subscription[sid] >= self._caps.get(sid, self._settings.max_per_endpoint):
+            # It was skipped by claims while full; it may have more waiting.
+            self._want_claim = True
+        self._in_flight -= 1
+        self._per_subscription[sid] -= 1
+        if self._per_subscription[sid] <= 0:
+            del self._per_subscription[sid]
+            self._caps.pop(sid, None)
+        self._metrics.in_flight.set(self._in_flight)
 
     async def run(self) -> None:
         """Dispatch until stop(); then drain within the grace period and release the rest."""
@@ -138,11 +153,21 @@ class Worker:
 
     async def _claim(self, free: int) -> None:
         limit = min(free, self._settings.claim_batch)
-        saturated = [s for s, n in self._per_subscription.items() if n >= self._caps.get(s, 0)]
+        saturated: list[UUID] = []
+        busy: list[UUID] = []
+        room: list[int] = []
+        for sid, n in self._per_subscription.items():
+            free_here = self._caps.get(sid, self._settings.max_per_endpoint) - n
+            if free_here <= 0:
+                saturated.append(sid)
+            else:
+                busy.append(sid)
+                room.append(free_here)
         now = self._clock()
         try:
             rows = await self._pool.fetch(
-                queries.CLAIM, now, limit, self._settings.lease_seconds, saturated, self.owner
+                queries.CLAIM, now, limit, self._settings.lease_seconds, saturated, self.owner,
+                busy, room, self._settings.max_per_endpoint,
             )
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -222,16 +247,12 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         job = self._tasks.pop(task)
-        sid = job.message.subscription_id
-        self._in_flight -= 1
-        self._per_subscription[sid] -= 1
-        if self._per_subscription[sid] <= 0:
-            del self._per_subscription[sid]
-        self._metrics.in_flight.set(self._in_flight)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery.crashed", delivery_id=job.message.delivery_id,
-                      error=repr(task.exception()))
-        if self._want_claim:
+        if task.cancelled() or task.exception() is not None:
+            # No outcome will be recorded for it: free its slot now.
+            if not task.cancelled():
+                log.error("delivery.crashed", delivery_id=job.message.delivery_id,
+                          error=repr(task.exception()))
+            self._release_slot(job.message.subscription_id)
             self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
