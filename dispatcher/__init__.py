@@ -1,1 +1,1 @@
-"""A webhook dispatcher daemon: publish an event in Postgres, every subscriber hears it over HTTP."""
+"""A webhook dispatcher daemon: publish an event in Postgres; every subscriber hears it."""

@@ -60,7 +60,8 @@ async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
     conn = await asyncpg.connect(admin_dsn)
     try:
         exists = await conn.fetchval(
-            "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE)
+            "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
+        )
         if not exists:
             await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
     except asyncpg.DuplicateDatabaseError:
@@ -93,12 +94,17 @@ async def serve(
         dsn = await open_database(stack, settings)
         await apply_migrations(dsn)
         pool = await asyncpg.create_pool(
-            dsn, min_size=settings.database.pool_min, max_size=settings.database.pool_max,
+            dsn,
+            min_size=settings.database.pool_min,
+            max_size=settings.database.pool_max,
             server_settings=SERVER_SETTINGS,
         )
         stack.push_async_callback(pool.close)
-        session = await stack.enter_async_context(client_session(
-            settings.delivery.max_in_flight, settings.security.allow_private_networks))
+        session = await stack.enter_async_context(
+            client_session(
+                settings.delivery.max_in_flight, settings.security.allow_private_networks
+            )
+        )
         metrics = Metrics()
         sender = Sender(session, settings.delivery.response_capture_bytes, clock)
         worker = Worker(pool, sender, settings.delivery, settings.security, metrics, clock=clock)
@@ -115,20 +121,26 @@ async def serve(
         bound_host, bound_port = runner.addresses[0][:2]
         admin_url = f"http://{bound_host}:{bound_port}"
 
-        side = [asyncio.create_task(listener.run(), name="listener"),
-                asyncio.create_task(worker.recorder.run(), name="recorder")]
+        side = [
+            asyncio.create_task(listener.run(), name="listener"),
+            asyncio.create_task(worker.recorder.run(), name="recorder"),
+        ]
         work = asyncio.create_task(worker.run(), name="worker")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         log.info("dispatcher.started", admin=admin_url, owner=str(worker.owner))
         if on_ready is not None:
             on_ready(Running(worker, admin_url))
         try:
-            done, _ = await asyncio.wait([stopping, work, *side],
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [stopping, work, *side], return_when=asyncio.FIRST_COMPLETED
+            )
             crashed = [t for t in done if t is not stopping]
             for task in crashed:
-                log.error("dispatcher.task_died", task=task.get_name(),
-                          error=repr(task.exception()) if not task.cancelled() else "cancelled")
+                log.error(
+                    "dispatcher.task_died",
+                    task=task.get_name(),
+                    error=repr(task.exception()) if not task.cancelled() else "cancelled",
+                )
             log.info("dispatcher.stopping", in_flight=worker.in_flight)
             worker.stop()
             await asyncio.wait([work])

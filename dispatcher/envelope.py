@@ -25,7 +25,8 @@ class Message:
 
 
 def iso_millis(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    return stamp + f"{moment.microsecond // 1000:03d}Z"
 
 
 def iso_nanos(ns: int) -> str:
@@ -34,8 +35,11 @@ def iso_nanos(ns: int) -> str:
 
 
 def _standard(msg: Message, sent_ns: int) -> object:
-    return {"type": msg.event_name, "timestamp": iso_millis(msg.created_at),
-            "data": orjson.Fragment(msg.payload)}
+    return {
+        "type": msg.event_name,
+        "timestamp": iso_millis(msg.created_at),
+        "data": orjson.Fragment(msg.payload),
+    }
 
 
 def _tillhub(msg: Message, sent_ns: int) -> object:
@@ -53,8 +57,12 @@ def _tillhub(msg: Message, sent_ns: int) -> object:
 
 
 def _tilia(msg: Message, sent_ns: int) -> object:
-    return {"event_name": msg.event_name, "bucket_key": msg.environment_id,
-            "sent_at": iso_nanos(sent_ns), "message": orjson.Fragment(msg.payload)}
+    return {
+        "event_name": msg.event_name,
+        "bucket_key": msg.environment_id,
+        "sent_at": iso_nanos(sent_ns),
+        "message": orjson.Fragment(msg.payload),
+    }
 
 
 def _payload_only(msg: Message, sent_ns: int) -> object:

@@ -37,7 +37,7 @@ class Listener:
                 backoff = min(backoff * 2, self._retry_max)
                 continue
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANNEL, self._notified)
                 self.connected = True

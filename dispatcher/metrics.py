@@ -28,27 +28,44 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.attempts = Counter(
-            "dispatcher_attempts", "HTTP attempts made, by verdict and status class",
-            ["verdict", "status_class"], registry=r)
+            "dispatcher_attempts",
+            "HTTP attempts made, by verdict and status class",
+            ["verdict", "status_class"],
+            registry=r,
+        )
         self.deliveries = Counter(
-            "dispatcher_deliveries", "Deliveries that reached an end, by outcome",
-            ["outcome"], registry=r)
+            "dispatcher_deliveries",
+            "Deliveries that reached an end, by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self.attempt_seconds = Histogram(
-            "dispatcher_attempt_duration_seconds", "Duration of HTTP attempts",
+            "dispatcher_attempt_duration_seconds",
+            "Duration of HTTP attempts",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=r)
+            registry=r,
+        )
         self.in_flight = Gauge(
-            "dispatcher_in_flight", "Deliveries claimed by this instance and not yet recorded",
-            registry=r)
+            "dispatcher_in_flight",
+            "Deliveries claimed by this instance and not yet recorded",
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "dispatcher_queue_depth", "Live deliveries in the queue (all instances, not paused)",
-            registry=r)
+            "dispatcher_queue_depth",
+            "Live deliveries in the queue (all instances, not paused)",
+            registry=r,
+        )
         self.oldest_due_age = Gauge(
             "dispatcher_oldest_due_age_seconds",
-            "How long the oldest due, unclaimed delivery has waited", registry=r)
+            "How long the oldest due, unclaimed delivery has waited",
+            registry=r,
+        )
         self.claims = Counter("dispatcher_claims", "Claim queries run", registry=r)
         self.claimed = Counter("dispatcher_claimed", "Deliveries claimed", registry=r)
         self.flushes = Counter("dispatcher_flushes", "Outcome batches written", registry=r)
         self.db_errors = Counter(
-            "dispatcher_db_errors", "Database errors on the hot path, by operation",
-            ["operation"], registry=r)
+            "dispatcher_db_errors",
+            "Database errors on the hot path, by operation",
+            ["operation"],
+            registry=r,
+        )

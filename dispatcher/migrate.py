@@ -82,13 +82,13 @@ async def apply(conn: asyncpg.Connection, migrations: list[Migration] | None = N
                 await conn.execute(
                     "INSERT INTO dispatcher.schema_migrations (version, name, checksum) "
                     "VALUES ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum,
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
                 )
             log.info("migration.applied", version=migration.version, name=migration.name)
             applied_now.append(migration.version)
-        await conn.execute(
-            "SELECT dispatcher.ensure_partitions(current_date - 1, 4)"
-        )
+        await conn.execute("SELECT dispatcher.ensure_partitions(current_date - 1, 4)")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now

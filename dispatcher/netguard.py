@@ -49,7 +49,9 @@ def check_url(url: str, *, allow_http: bool, allow_private: bool) -> None:
         literal = ipaddress.ip_address(parts.hostname)
     except ValueError:
         if parts.hostname.lower() in ("localhost", "localhost.localdomain") and not allow_private:
-            raise URLRejectedError("points at this host ([security] allow_private_networks)")
+            raise URLRejectedError(
+                "points at this host ([security] allow_private_networks)"
+            ) from None
         return
     if not allow_private and not is_public(str(literal)):
         raise URLRejectedError(

@@ -59,8 +59,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Standard Webhooks: 2xx is success, exponential backoff over about three days.
     "standard": {
         "success": "2xx",
-        "retry": {"initial": 5, "factor": 2, "growth_limit": 14, "max_attempts": 15,
-                  "max_age": 3 * _DAY},
+        "retry": {
+            "initial": 5,
+            "factor": 2,
+            "growth_limit": 14,
+            "max_attempts": 15,
+            "max_age": 3 * _DAY,
+        },
         "envelope": "standard",
         "signature": "standard",
     },
@@ -105,8 +110,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 _RETRY_KEYS = {"delays", "initial", "factor", "growth_limit", "max_attempts", "max_age"}
 _RETRY_ON_KEYS = {f for f in RetryOn.__dataclass_fields__}
 _TOP_KEYS = {
-    "success", "retry", "retry_on", "timeout", "connect_timeout", "follow_redirects",
-    "max_redirects", "verify_tls", "user_agent", "envelope", "signature", "max_in_flight",
+    "success",
+    "retry",
+    "retry_on",
+    "timeout",
+    "connect_timeout",
+    "follow_redirects",
+    "max_redirects",
+    "verify_tls",
+    "user_agent",
+    "envelope",
+    "signature",
+    "max_in_flight",
 }
 
 
@@ -137,19 +152,21 @@ def resolve(
             retry_on=_retry_on(merged["retry_on"]),
         ),
         timeout=_number(merged, "timeout", timeout, minimum=0.001, maximum=300),
-        connect_timeout=_number(merged, "connect_timeout", connect_timeout, minimum=0.001,
-                                maximum=300),
+        connect_timeout=_number(
+            merged, "connect_timeout", connect_timeout, minimum=0.001, maximum=300
+        ),
         follow_redirects=_bool(merged, "follow_redirects", False),
-        max_redirects=int(_number(merged, "max_redirects", 20, minimum=0, maximum=50,
-                                  integer=True)),
+        max_redirects=int(
+            _number(merged, "max_redirects", 20, minimum=0, maximum=50, integer=True)
+        ),
         verify_tls=_bool(merged, "verify_tls", True),
         user_agent=_text(merged, "user_agent", DEFAULT_USER_AGENT),
         envelope=_choice(merged, "envelope", "standard", ENVELOPES),
         signature=_choice(merged, "signature", "standard", SIGNERS),
         max_in_flight=(
-            None if merged.get("max_in_flight") is None
-            else int(_number(merged, "max_in_flight", 1, minimum=1, maximum=10_000,
-                             integer=True))
+            None
+            if merged.get("max_in_flight") is None
+            else int(_number(merged, "max_in_flight", 1, minimum=1, maximum=10_000, integer=True))
         ),
     )
 
@@ -158,9 +175,7 @@ def _success(value: Any) -> SuccessRule:
     try:
         return SuccessRule(value)
     except ValueError:
-        raise SettingsError(
-            "success", f"must be one of {[r.value for r in SuccessRule]}"
-        ) from None
+        raise SettingsError("success", f"must be one of {[r.value for r in SuccessRule]}") from None
 
 
 def _retry(block: Mapping[str, Any]) -> RetryPolicy:
@@ -181,13 +196,17 @@ def _retry(block: Mapping[str, Any]) -> RetryPolicy:
         delays=tuple(float(d) for d in delays),
         initial=_number(block, "initial", 30.0, minimum=0, maximum=30 * _DAY, where="retry."),
         factor=_number(block, "factor", math.e, minimum=1, maximum=100, where="retry."),
-        growth_limit=int(_number(block, "growth_limit", 10, minimum=1, maximum=100,
-                                 integer=True, where="retry.")),
-        max_attempts=None if max_attempts is None else int(
-            _number(block, "max_attempts", 1, minimum=1, maximum=1000, integer=True,
-                    where="retry.")),
-        max_age=None if max_age is None else _number(
-            block, "max_age", 0, minimum=0, maximum=90 * _DAY, where="retry."),
+        growth_limit=int(
+            _number(block, "growth_limit", 10, minimum=1, maximum=100, integer=True, where="retry.")
+        ),
+        max_attempts=None
+        if max_attempts is None
+        else int(
+            _number(block, "max_attempts", 1, minimum=1, maximum=1000, integer=True, where="retry.")
+        ),
+        max_age=None
+        if max_age is None
+        else _number(block, "max_age", 0, minimum=0, maximum=90 * _DAY, where="retry."),
     )
 
 
@@ -215,8 +234,10 @@ def _number(
     where: str = "",
 ) -> float:
     value = block.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or (
-        integer and not float(value).is_integer()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not float(value).is_integer())
     ):
         kind = "an integer" if integer else "a number"
         raise SettingsError(where + key, f"must be {kind}")

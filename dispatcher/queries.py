@@ -1,4 +1,4 @@
-"""The daemon's hot-path SQL, as named statements. Every one is set-based: one round trip a batch."""
+"""The daemon's hot-path SQL as named statements; each is set-based: one round trip a batch."""
 
 # Claim up to $2 due deliveries for lease owner $5, at most a per-subscription share each:
 # $6/$7 give the room left for subscriptions this instance already sends to, others get

@@ -1,8 +1,9 @@
-"""Outcome writer: buffers attempt results and writes them in batches, shielded from cancellation."""
+"""Outcome writer: buffers attempt results, writes them in batches shielded from cancellation."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -70,10 +71,8 @@ class Recorder:
     async def run(self) -> None:
         while True:
             await self._has_pending.wait()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self._interval)
-            except TimeoutError:
-                pass
             await self.flush()
 
     async def flush(self, *, give_up_after: float | None = None) -> None:
@@ -98,8 +97,9 @@ class Recorder:
                         log.error("record.abandoned", results=len(batch), error=str(exc))
                         self._on_flushed(batch)
                         return
-                    log.warning("record.retrying", results=len(batch), error=str(exc),
-                                backoff=backoff)
+                    log.warning(
+                        "record.retrying", results=len(batch), error=str(exc), backoff=backoff
+                    )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         self._account(batch)

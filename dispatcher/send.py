@@ -17,9 +17,9 @@ Clock = Callable[[], float]
 
 
 @asynccontextmanager
-async def client_session(max_connections: int, allow_private: bool) -> AsyncIterator[
-    aiohttp.ClientSession
-]:
+async def client_session(
+    max_connections: int, allow_private: bool
+) -> AsyncIterator[aiohttp.ClientSession]:
     """The one ClientSession of the daemon; its resolver refuses non-public addresses."""
     connector = aiohttp.TCPConnector(
         limit=max_connections,
@@ -62,7 +62,7 @@ class Sender:
                 ),
                 allow_redirects=endpoint.follow_redirects,
                 max_redirects=endpoint.max_redirects,
-                ssl=True if endpoint.verify_tls else False,
+                ssl=bool(endpoint.verify_tls),
             ) as response:
                 status = response.status
                 excerpt = await self._read_capped(response)
@@ -71,8 +71,12 @@ class Sender:
             error, detail = classify(exc)
         duration = time.perf_counter() - t0
         return Outcome(
-            started_at=started, duration=duration, status=status, error=error,
-            detail=detail[:500], body_excerpt=excerpt,
+            started_at=started,
+            duration=duration,
+            status=status,
+            error=error,
+            detail=detail[:500],
+            body_excerpt=excerpt,
         )
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> str:

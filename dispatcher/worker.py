@@ -7,6 +7,7 @@ a freed send slot while a backlog waits, the safety poll, or stop. It never busy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -68,8 +69,12 @@ class Worker:
         self._metrics = metrics
         self._clock = clock
         self.recorder = Recorder(
-            pool, self.owner, self.timer, metrics,
-            interval=settings.flush_interval, max_batch=settings.flush_max,
+            pool,
+            self.owner,
+            self.timer,
+            metrics,
+            interval=settings.flush_interval,
+            max_batch=settings.flush_max,
             on_flushed=self._recorded,
         )
         self._wake = asyncio.Event()
@@ -146,10 +151,8 @@ class Worker:
         if at is not None:
             delays.append(at - self._clock())
         timeout = max(min(delays), 0.0)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def _claim(self, free: int) -> None:
         limit = min(free, self._settings.claim_batch)
@@ -166,8 +169,15 @@ class Worker:
         now = self._clock()
         try:
             rows = await self._pool.fetch(
-                queries.CLAIM, now, limit, self._settings.lease_seconds, saturated, self.owner,
-                busy, room, self._settings.max_per_endpoint,
+                queries.CLAIM,
+                now,
+                limit,
+                self._settings.lease_seconds,
+                saturated,
+                self.owner,
+                busy,
+                room,
+                self._settings.max_per_endpoint,
             )
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -232,8 +242,12 @@ class Worker:
     def _resolve(self, profile: str, settings: str) -> EndpointSettings | SettingsError:
         try:
             overrides: Any = orjson.loads(settings)
-            return resolve(profile, overrides, timeout=self._settings.timeout,
-                           connect_timeout=self._settings.connect_timeout)
+            return resolve(
+                profile,
+                overrides,
+                timeout=self._settings.timeout,
+                connect_timeout=self._settings.connect_timeout,
+            )
         except SettingsError as exc:
             return exc
 
@@ -250,8 +264,11 @@ class Worker:
         if task.cancelled() or task.exception() is not None:
             # No outcome will be recorded for it: free its slot now.
             if not task.cancelled():
-                log.error("delivery.crashed", delivery_id=job.message.delivery_id,
-                          error=repr(task.exception()))
+                log.error(
+                    "delivery.crashed",
+                    delivery_id=job.message.delivery_id,
+                    error=repr(task.exception()),
+                )
             self._release_slot(job.message.subscription_id)
             self._wake.set()
 
@@ -260,27 +277,42 @@ class Worker:
         if isinstance(job.endpoint, SettingsError):
             decision = Decision(Verdict.FAILED)
         else:
-            decision = decide(job.endpoint.policy, job.attempt, outcome,
-                              job.message.created_at.timestamp())
-        self.recorder.add(Result(job.message.delivery_id, job.message.subscription_id,
-                                 job.attempt, outcome, decision))
-        log.debug("delivery.attempted", delivery_id=job.message.delivery_id,
-                  attempt=job.attempt, status=outcome.status, verdict=decision.verdict.value)
+            decision = decide(
+                job.endpoint.policy, job.attempt, outcome, job.message.created_at.timestamp()
+            )
+        self.recorder.add(
+            Result(
+                job.message.delivery_id, job.message.subscription_id, job.attempt, outcome, decision
+            )
+        )
+        log.debug(
+            "delivery.attempted",
+            delivery_id=job.message.delivery_id,
+            attempt=job.attempt,
+            status=outcome.status,
+            verdict=decision.verdict.value,
+        )
 
     async def _attempt(self, job: Job) -> Outcome:
         endpoint = job.endpoint
         if isinstance(endpoint, SettingsError):
             return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint))
         try:
-            check_url(job.url, allow_http=self._security.allow_http,
-                      allow_private=self._security.allow_private_networks)
+            check_url(
+                job.url,
+                allow_http=self._security.allow_http,
+                allow_private=self._security.allow_private_networks,
+            )
         except URLRejectedError as exc:
             return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc))
         sent_ns = time.time_ns()
         body = render(endpoint.envelope, job.message, sent_ns)
         headers = {"Content-Type": "application/json", "User-Agent": endpoint.user_agent}
-        headers.update(SIGNERS[endpoint.signature](
-            [job.secret], f"msg_{job.message.delivery_id}", body, sent_ns // 1_000_000))
+        headers.update(
+            SIGNERS[endpoint.signature](
+                [job.secret], f"msg_{job.message.delivery_id}", body, sent_ns // 1_000_000
+            )
+        )
         return await self._sender.post(job.url, body, headers, endpoint)
 
     async def _poll(self) -> None:
@@ -313,8 +345,9 @@ class Worker:
         """Let in-flight requests finish within the grace period; release what did not."""
         tasks = list(self._tasks)
         if tasks:
-            log.info("worker.draining", in_flight=len(tasks),
-                     grace_period=self._settings.grace_period)
+            log.info(
+                "worker.draining", in_flight=len(tasks), grace_period=self._settings.grace_period
+            )
             _, pending = await asyncio.wait(tasks, timeout=self._settings.grace_period)
             unsent = [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
             for task in pending:

@@ -127,8 +127,13 @@ async def subscribe(
         "INSERT INTO dispatcher.subscriptions "
         "(environment_id, url, events, profile, settings, secret, active) "
         "VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7) RETURNING id",
-        environment, url, events or ["products.*"], profile,
-        orjson.dumps(settings or {}).decode(), secret, active,
+        environment,
+        url,
+        events or ["products.*"],
+        profile,
+        orjson.dumps(settings or {}).decode(),
+        secret,
+        active,
     )
     return sid
 
@@ -146,7 +151,10 @@ async def publish(
         "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
         "SELECT $1, $2, jsonb_set($3::text::jsonb, '{n}', to_jsonb(i)) "
         "FROM generate_series(1, $4) AS i RETURNING id",
-        environment, event, orjson.dumps(payload or {"sku": "A-1"}).decode(), count,
+        environment,
+        event,
+        orjson.dumps(payload or {"sku": "A-1"}).decode(),
+        count,
     )
     return [r["id"] for r in rows]
 
@@ -161,6 +169,7 @@ def verify_standard(secret: str, headers: Mapping[str, str], body: bytes) -> boo
 
 
 # -- daemons ----------------------------------------------------------------------------
+
 
 def settings_for(dsn: str, **delivery: Any) -> config.Settings:
     """Settings for a daemon against `dsn` that may post to loopback over http."""
@@ -181,9 +190,9 @@ async def daemon(settings: config.Settings) -> AsyncIterator[Running]:
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(settings, stop, on_ready=ready.set_result))
     try:
-        done, _ = await asyncio.wait([ready, task], timeout=30,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
+        waiters: list[asyncio.Future[Any]] = [ready, task]
+        await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
             task.result()
         yield ready.result()
     finally:
@@ -222,8 +231,11 @@ class DaemonProcess:
         }
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher", "run"], env=env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "dispatcher", "run"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -265,7 +277,9 @@ class DaemonProcess:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import replace
 from typing import Any
@@ -29,7 +30,8 @@ from .helpers import (
 async def attempts_of(db: asyncpg.Connection) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await db.fetch(
         "SELECT attempt, status_code, error, outcome, duration_ms, response_excerpt "
-        "FROM dispatcher.attempts ORDER BY delivery_id, attempt")
+        "FROM dispatcher.attempts ORDER BY delivery_id, attempt"
+    )
     return rows
 
 
@@ -62,7 +64,10 @@ async def test_delivers_a_signed_standard_webhook_and_records_it(
     assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries") == 0
     [attempt] = await attempts_of(db)
     assert (attempt["status_code"], attempt["outcome"], attempt["response_excerpt"]) == (
-        200, "delivered", "ok")
+        200,
+        "delivered",
+        "ok",
+    )
 
 
 async def test_retries_fire_at_their_due_times(
@@ -77,11 +82,10 @@ async def test_retries_fire_at_their_due_times(
         await wait_done(db, 1)
 
     times = [r.at for r in receiver.requests]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     for gap, delay in zip(gaps, delays, strict=True):
         assert delay - 0.01 <= gap <= delay + 0.15, (gaps, delays)
-    assert [a["outcome"] for a in await attempts_of(db)] == [
-        "retry", "retry", "retry", "delivered"]
+    assert [a["outcome"] for a in await attempts_of(db)] == ["retry", "retry", "retry", "delivered"]
     assert [a["status_code"] for a in await attempts_of(db)] == [500, 502, 503, 200]
 
 
@@ -116,8 +120,9 @@ async def test_a_receiver_that_never_answers_times_out(
 async def test_refused_connection_is_classified_and_retried(
     database: str, db: asyncpg.Connection
 ) -> None:
-    await subscribe(db, "http://127.0.0.1:9/hook",
-                    settings={"retry": {"delays": [0.05], "max_attempts": 2}})
+    await subscribe(
+        db, "http://127.0.0.1:9/hook", settings={"retry": {"delays": [0.05], "max_attempts": 2}}
+    )
     async with daemon(settings_for(database)):
         await publish(db)
         await wait_done(db, 1)
@@ -131,8 +136,9 @@ async def test_private_destinations_are_refused_at_send_time_unless_allowed(
 ) -> None:
     await subscribe(db, receiver.url())
     settings = settings_for(database)
-    settings = replace(settings, security=SecuritySettings(allow_http=True,
-                                                           allow_private_networks=False))
+    settings = replace(
+        settings, security=SecuritySettings(allow_http=True, allow_private_networks=False)
+    )
     async with daemon(settings):
         await publish(db)
         await wait_done(db, 1)
@@ -172,7 +178,8 @@ async def test_paused_deliveries_wait_for_reactivation(
     await db.execute("UPDATE dispatcher.subscriptions SET active = false WHERE id = $1", sid)
     async with daemon(settings_for(database)) as running:
         await asyncio.sleep(0.3)
-        assert receiver.requests == [] and running.worker.in_flight == 0
+        assert receiver.requests == []
+        assert running.worker.in_flight == 0
         await db.execute("UPDATE dispatcher.subscriptions SET active = true WHERE id = $1", sid)
         await receiver.wait_for(2)
         await wait_done(db, 2)
@@ -215,8 +222,12 @@ async def test_health_readiness_and_metrics_are_exposed(
             text = await r.text()
     assert 'dispatcher_attempts_total{status_class="2xx",verdict="delivered"} 1.0' in text
     assert 'dispatcher_deliveries_total{outcome="delivered"} 1.0' in text
-    for name in ("dispatcher_in_flight", "dispatcher_queue_depth",
-                 "dispatcher_oldest_due_age_seconds", "dispatcher_attempt_duration_seconds_bucket"):
+    for name in (
+        "dispatcher_in_flight",
+        "dispatcher_queue_depth",
+        "dispatcher_oldest_due_age_seconds",
+        "dispatcher_attempt_duration_seconds_bucket",
+    ):
         assert name in text
 
 

@@ -14,7 +14,8 @@ URL = "https://receiver.example/hook"
 
 async def deliveries_of(db: asyncpg.Connection, sid: object) -> int:
     n: int = await db.fetchval(
-        "SELECT count(*) FROM dispatcher.deliveries WHERE subscription_id = $1", sid)
+        "SELECT count(*) FROM dispatcher.deliveries WHERE subscription_id = $1", sid
+    )
     return n
 
 
@@ -30,7 +31,8 @@ async def test_publish_function_fans_out_to_every_matching_subscription(
     inactive = await subscribe(db, URL, ["*"], active=False)
 
     event_id = await db.fetchval(
-        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{\"id\": 7}')")
+        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{\"id\": 7}')"
+    )
 
     for sid in (exact, any_version, entity, everything):
         assert await deliveries_of(db, sid) == 1
@@ -38,9 +40,13 @@ async def test_publish_function_fans_out_to_every_matching_subscription(
         assert await deliveries_of(db, sid) == 0
     row = await db.fetchrow(
         "SELECT event_id, attempts, due_at <= now() AS due, lease_owner "
-        "FROM dispatcher.deliveries WHERE subscription_id = $1", exact)
+        "FROM dispatcher.deliveries WHERE subscription_id = $1",
+        exact,
+    )
     assert row["event_id"] == event_id
-    assert row["attempts"] == 0 and row["due"] and row["lease_owner"] is None
+    assert row["attempts"] == 0
+    assert row["due"]
+    assert row["lease_owner"] is None
 
 
 async def test_plain_insert_fans_out_too(db: asyncpg.Connection) -> None:
@@ -79,8 +85,8 @@ async def test_one_notify_per_publishing_transaction(database: str, db: asyncpg.
 
 
 @pytest.mark.parametrize(
-    "name", ["products", "products.create", "Products.create.v0", "products.create.0",
-             "a.b.c.v1", ""],
+    "name",
+    ["products", "products.create", "Products.create.v0", "products.create.0", "a.b.c.v1", ""],
 )
 async def test_malformed_event_names_are_refused(db: asyncpg.Connection, name: str) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
@@ -90,11 +96,14 @@ async def test_malformed_event_names_are_refused(db: asyncpg.Connection, name: s
 async def test_idempotency_key_returns_the_first_event(db: asyncpg.Connection) -> None:
     sid = await subscribe(db, URL)
     first = await db.fetchval(
-        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{}', 'p-1', 'key-1')")
+        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{}', 'p-1', 'key-1')"
+    )
     again = await db.fetchval(
-        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{}', 'p-1', 'key-1')")
+        "SELECT dispatcher.publish('env-1', 'products.create.v0', '{}', 'p-1', 'key-1')"
+    )
     other_env = await db.fetchval(
-        "SELECT dispatcher.publish('env-2', 'products.create.v0', '{}', 'p-1', 'key-1')")
+        "SELECT dispatcher.publish('env-2', 'products.create.v0', '{}', 'p-1', 'key-1')"
+    )
     assert first == again != other_env
     assert await deliveries_of(db, sid) == 1
 
@@ -105,11 +114,9 @@ async def test_deactivation_pauses_queued_deliveries_and_reactivation_resumes(
     sid = await subscribe(db, URL)
     await publish(db, count=3)
     await db.execute("UPDATE dispatcher.subscriptions SET active = false WHERE id = $1", sid)
-    assert await db.fetchval(
-        "SELECT count(*) FROM dispatcher.deliveries WHERE paused") == 3
+    assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries WHERE paused") == 3
     await db.execute("UPDATE dispatcher.subscriptions SET active = true WHERE id = $1", sid)
-    assert await db.fetchval(
-        "SELECT count(*) FROM dispatcher.deliveries WHERE NOT paused") == 3
+    assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries WHERE NOT paused") == 3
 
 
 async def test_events_land_in_daily_partitions(db: asyncpg.Connection) -> None:

@@ -55,7 +55,8 @@ async def test_kill_9_under_load_loses_nothing_and_leases_recover(
         first.kill()
     sent_before_kill = len(receiver.requests)
     stuck = await db.fetchval(
-        "SELECT count(*) FROM dispatcher.deliveries WHERE lease_owner IS NOT NULL")
+        "SELECT count(*) FROM dispatcher.deliveries WHERE lease_owner IS NOT NULL"
+    )
     assert stuck > 0, "the kill should leave leased deliveries behind"
     with DaemonProcess(database, env) as second:
         second.start(tmp_path)
@@ -67,8 +68,12 @@ async def test_kill_9_under_load_loses_nothing_and_leases_recover(
     assert duplicates <= 16, f"{duplicates} duplicates, more than were in flight at the kill"
     assert sent_before_kill < 300
     assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries") == 0
-    assert await db.fetchval(
-        "SELECT count(*) FROM dispatcher.deliveries_done WHERE status = 'delivered'") == 300
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM dispatcher.deliveries_done WHERE status = 'delivered'"
+        )
+        == 300
+    )
 
 
 async def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(
@@ -106,7 +111,8 @@ async def test_sigterm_releases_what_cannot_finish_in_the_grace_period(
         assert await proc.wait_exit(timeout=10) == 0, proc.output()
         assert time.monotonic() - started < 3
     released = await db.fetch(
-        "SELECT lease_owner, attempts, due_at <= now() AS due FROM dispatcher.deliveries")
+        "SELECT lease_owner, attempts, due_at <= now() AS due FROM dispatcher.deliveries"
+    )
     assert [tuple(r) for r in released] == [(None, 0, True)] * 2
     with DaemonProcess(database) as again:
         again.start(tmp_path)

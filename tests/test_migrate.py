@@ -1,0 +1,30 @@
+"""Migrations are applied once, recorded, and never silently changed."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from dispatcher import migrate
+
+
+async def test_migrations_are_recorded_and_not_applied_twice(db: asyncpg.Connection) -> None:
+    versions = [m.version for m in migrate.discover()]
+    assert await migrate.apply(db) == []
+    rows = await db.fetch("SELECT version FROM dispatcher.schema_migrations ORDER BY version")
+    assert [r["version"] for r in rows] == versions
+
+
+async def test_a_changed_migration_is_refused(db: asyncpg.Connection) -> None:
+    [first, *_] = migrate.discover()
+    changed = migrate.Migration(first.version, first.name, first.sql + "\n-- edited\n")
+    with pytest.raises(migrate.MigrationError, match="was changed after it was applied"):
+        await migrate.apply(db, [changed])
+
+
+async def test_partitions_exist_for_today_and_the_next_days(db: asyncpg.Connection) -> None:
+    names = await db.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'attempts'"
+    )
+    assert len(names) >= 4  # default + yesterday..today+2
