@@ -79,6 +79,20 @@ async def _publish(settings: config.Settings, args: argparse.Namespace) -> None:
         print(orjson.dumps({"event_id": str(event_id), "deliveries": deliveries}).decode())
 
 
+async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
+    from . import bench
+
+    if args.deliveries < 1 or args.concurrency < 1:
+        raise StartupError("--deliveries and --concurrency must be positive")
+    report = await bench.run(
+        settings,
+        deliveries=args.deliveries,
+        concurrency=args.concurrency,
+        database_url=args.database_url,
+    )
+    bench.print_report(report, args.json)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
     parser.add_argument(
@@ -94,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--payload", required=True, help="the event's JSON payload")
     pub.add_argument("--entity-instance-id")
     pub.add_argument("--idempotency-key")
+    bench = sub.add_parser("bench", help="measure deliveries/s against a plain HTTP client")
+    bench.add_argument("--deliveries", type=int, default=20_000)
+    bench.add_argument("--concurrency", type=int, default=256)
+    bench.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser
 
 
@@ -108,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "run": lambda: _run(settings),
         "migrate": lambda: _migrate(settings),
         "publish": lambda: _publish(settings, args),
+        "bench": lambda: _bench(settings, args),
     }
     try:
         _event_loop_run(commands[args.command]())

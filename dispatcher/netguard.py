@@ -7,6 +7,7 @@ HTTP client's resolver for names, so the connection goes to the address that was
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -30,8 +31,13 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+@functools.lru_cache(maxsize=4096)
 def check_url(url: str, *, allow_http: bool, allow_private: bool) -> None:
-    """Refuse what can be refused without a DNS lookup: scheme, form, literal addresses."""
+    """Refuse what can be refused without a DNS lookup: scheme, form, literal addresses.
+
+    Cached: the send path checks every request, and a URL's verdict never changes. (Only
+    accepted URLs are cached; a refusal raises.)
+    """
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises on a malformed port

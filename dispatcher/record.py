@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -13,7 +14,7 @@ import structlog
 
 from . import queries
 from .metrics import Metrics
-from .policy import Decision, Outcome, Verdict
+from .policy import Decision, Outcome
 from .schedule import WakeTimer
 
 log = structlog.get_logger(__name__)
@@ -124,16 +125,21 @@ class Recorder:
     def _account(self, batch: list[Result]) -> None:
         m = self._metrics
         m.flushes.inc()
+        attempts: Counter[tuple[str, str]] = Counter()
+        ended: Counter[str] = Counter()
         for r in batch:
-            verdict = r.decision.verdict
+            verdict = r.decision.verdict.value
             status = r.outcome.status
-            m.attempts.labels(verdict.value, f"{status // 100}xx" if status else "none").inc()
+            attempts[verdict, f"{status // 100}xx" if status else "none"] += 1
             m.attempt_seconds.observe(r.outcome.duration)
-            if verdict is Verdict.RETRY:
-                assert r.decision.next_at is not None
+            if r.decision.next_at is not None:
                 self._timer.arm(r.decision.next_at)
             else:
-                m.deliveries.labels(verdict.value).inc()
+                ended[verdict] += 1
+        for labels, n in attempts.items():
+            m.attempts.labels(*labels).inc(n)
+        for verdict, n in ended.items():
+            m.deliveries.labels(verdict).inc(n)
 
 
 def _error_text(outcome: Outcome) -> str | None:

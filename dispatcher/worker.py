@@ -88,6 +88,7 @@ class Worker:
         self._endpoints: dict[tuple[UUID, datetime], EndpointSettings | SettingsError] = {}
         self._next_poll = 0.0
         self._next_maintenance = 0.0
+        metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -118,7 +119,6 @@ class Worker:
         if self._per_subscription[sid] <= 0:
             del self._per_subscription[sid]
             self._caps.pop(sid, None)
-        self._metrics.in_flight.set(self._in_flight)
 
     async def run(self) -> None:
         """Dispatch until stop(); then drain within the grace period and release the rest."""
@@ -254,7 +254,6 @@ class Worker:
     def _start(self, job: Job) -> None:
         self._in_flight += 1
         self._per_subscription[job.message.subscription_id] += 1
-        self._metrics.in_flight.set(self._in_flight)
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
         task.add_done_callback(self._finished)
