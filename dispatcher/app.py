@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
@@ -151,3 +152,22 @@ async def serve(
         if crashed:
             raise StartupError(f"task {crashed[0].get_name()} died; see the log")
         log.info("dispatcher.stopped")
+
+
+@asynccontextmanager
+async def started(
+    settings: Settings, *, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Running]:
+    """Run the daemon in this event loop for the duration of the block (bench, tests)."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop, clock=clock, on_ready=ready.set_result))
+    try:
+        waiters: list[asyncio.Future[Any]] = [ready, task]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        yield ready.result()
+    finally:
+        stop.set()
+        await task

@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 
 from . import config
-from .app import EMBEDDED_DATABASE, Running, serve
+from .app import EMBEDDED_DATABASE, started
 from .embedded import EmbeddedPostgres
 from .envelope import Message, render
 from .signing import new_secret
@@ -93,39 +93,35 @@ async def _dispatcher(
 ) -> tuple[float, float, float | None, float]:
     dsn = settings.database.url
     conn = await asyncpg.connect(dsn)
-    stop = asyncio.Event()
-    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
-    daemon = asyncio.create_task(serve(settings, stop, on_ready=ready.set_result))
     try:
-        await asyncio.wait([ready, daemon], return_when=asyncio.FIRST_COMPLETED)
-        if daemon.done():
-            daemon.result()
-        await conn.execute(
-            "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret) "
-            "VALUES ('bench', $1, '{products.*}', $2)",
-            url,
-            new_secret(),
-        )
-        stats = await _statements_ready(conn)
-        cpu0 = time.process_time()
-        published = time.perf_counter()
-        await conn.execute(
-            "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
-            "SELECT 'bench', 'products.update.v0', $1::text::jsonb FROM generate_series(1, $2)",
-            orjson.dumps(PAYLOAD).decode(),
-            count,
-        )
-        started = time.perf_counter()
-        # Polled, not awaited on an event: the queue lives in Postgres, not in this process.
-        while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM dispatcher.deliveries)"):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu0
-        statements = await _statements(conn) if stats else None
-        return count / elapsed, started - published, statements, cpu
+        async with started(settings):
+            await conn.execute(
+                "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret) "
+                "VALUES ('bench', $1, '{products.*}', $2)",
+                url,
+                new_secret(),
+            )
+            stats = await _statements_ready(conn)
+            cpu0 = time.process_time()
+            published = time.perf_counter()
+            await conn.execute(
+                "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
+                "SELECT 'bench', 'products.update.v0', $1::text::jsonb "
+                "FROM generate_series(1, $2)",
+                orjson.dumps(PAYLOAD).decode(),
+                count,
+            )
+            begun = time.perf_counter()
+            # Polled: the queue lives in Postgres, not in this process.
+            while await conn.fetchval(  # noqa: ASYNC110
+                "SELECT EXISTS (SELECT 1 FROM dispatcher.deliveries)"
+            ):
+                await asyncio.sleep(0.02)
+            elapsed = time.perf_counter() - begun
+            cpu = time.process_time() - cpu0
+            statements = await _statements(conn) if stats else None
+        return count / elapsed, begun - published, statements, cpu
     finally:
-        stop.set()
-        await asyncio.wait_for(daemon, 60)
         await conn.close()
 
 

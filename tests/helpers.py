@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher import config
-from dispatcher.app import Running, serve
+from dispatcher.app import started
 
 HANG = "hang"
 Reply = int | str | Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -184,20 +184,7 @@ def settings_for(dsn: str, **delivery: Any) -> config.Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def daemon(settings: config.Settings) -> AsyncIterator[Running]:
-    stop = asyncio.Event()
-    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop, on_ready=ready.set_result))
-    try:
-        waiters: list[asyncio.Future[Any]] = [ready, task]
-        await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        yield ready.result()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+daemon = started
 
 
 def free_port() -> int:

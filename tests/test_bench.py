@@ -6,8 +6,9 @@ from dispatcher import bench, config
 
 
 async def test_bench_measures_both_phases(database: str) -> None:
-    report = await bench.run(config.Settings(), deliveries=200, concurrency=16,
-                             database_url=database)
+    report = await bench.run(
+        config.Settings(), deliveries=200, concurrency=16, database_url=database
+    )
     assert report.deliveries == 200
     assert report.ceiling_per_s > 0
     assert report.dispatcher_per_s > 0
