@@ -38,6 +38,14 @@ SERVER_SETTINGS = {
 }
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook that skips asyncpg's reset (CLOSE ALL; RESET ALL; UNLISTEN *; ...).
+
+    That reset is a round trip per statement on the hot path; no pooled connection here
+    sets session state (LISTEN and advisory locks use connections of their own).
+    """
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
 
@@ -99,6 +107,7 @@ async def serve(
             min_size=settings.database.pool_min,
             max_size=settings.database.pool_max,
             server_settings=SERVER_SETTINGS,
+            reset=_keep_session,
         )
         stack.push_async_callback(pool.close)
         session = await stack.enter_async_context(

@@ -68,13 +68,16 @@ class Worker:
         self._security = security
         self._metrics = metrics
         self._clock = clock
+        # Claims and flushes wait to gather a batch, but never for more than a quarter of the
+        # slots: with few slots, waiting for a full batch would idle them.
+        self._batch = max(1, min(settings.claim_batch, settings.max_in_flight // 4))
         self.recorder = Recorder(
             pool,
             self.owner,
             self.timer,
             metrics,
             interval=settings.flush_interval,
-            max_batch=settings.flush_max,
+            max_batch=min(settings.flush_max, self._batch),
             on_flushed=self._recorded,
         )
         self._wake = asyncio.Event()
@@ -136,7 +139,9 @@ class Worker:
                     self.timer.overflowed = False
                     await self._arm_next_due()
                 free = self._settings.max_in_flight - self._in_flight
-                if self._want_claim and free > 0 and mono >= self._next_claim:
+                if self._want_claim and free > 0 and (
+                    free >= self._batch or mono >= self._next_claim
+                ):
                     await self._claim(free)
                     continue
                 await self._sleep(mono, free)
@@ -167,6 +172,8 @@ class Worker:
                 busy.append(sid)
                 room.append(free_here)
         now = self._clock()
+        # Consumed before the query: a NOTIFY or a freed slot during the await sets it again.
+        self._want_claim = False
         try:
             rows = await self._pool.fetch(
                 queries.CLAIM,
@@ -182,12 +189,14 @@ class Worker:
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
             log.warning("claim.failed", error=str(exc))
+            self._want_claim = True
             self._next_claim = asyncio.get_running_loop().time() + 1.0
             return
         self._metrics.claims.inc()
         self._metrics.claimed.inc(len(rows))
         # A full batch means more is due: claim again as slots free up, but batch the claims.
-        self._want_claim = len(rows) == limit
+        if len(rows) == limit:
+            self._want_claim = True
         self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
         excess: list[int] = []
         for row in rows:

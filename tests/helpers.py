@@ -174,7 +174,7 @@ def verify_standard(secret: str, headers: Mapping[str, str], body: bytes) -> boo
 def settings_for(dsn: str, **delivery: Any) -> config.Settings:
     """Settings for a daemon against `dsn` that may post to loopback over http."""
     base = config.Settings()
-    d = replace(base.delivery, poll_interval=1.0, grace_period=2.0, **delivery)
+    d = replace(base.delivery, **{"poll_interval": 1.0, "grace_period": 2.0, **delivery})
     return replace(
         base,
         database=replace(base.database, url=dsn),

@@ -243,3 +243,16 @@ async def test_a_backlog_is_burned_down_with_batched_claims(
         metrics = running.worker
     assert len(receiver.requests) == 300
     assert metrics.in_flight == 0
+
+
+async def test_a_notify_that_arrives_during_a_claim_is_not_lost(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url())
+    # With the safety poll a minute away, a lost wake-up shows as a timeout.
+    async with daemon(settings_for(database, poll_interval=60.0)):
+        for n in range(1, 31):
+            # The second commit tends to land while the first one's claim is running.
+            await publish(db)
+            await publish(db)
+            await receiver.wait_for(2 * n, timeout=3)
