@@ -139,8 +139,10 @@ class Worker:
                     self.timer.overflowed = False
                     await self._arm_next_due()
                 free = self._settings.max_in_flight - self._in_flight
-                if self._want_claim and free > 0 and (
-                    free >= self._batch or mono >= self._next_claim
+                if (
+                    self._want_claim
+                    and free > 0
+                    and (free >= self._batch or mono >= self._next_claim)
                 ):
                     await self._claim(free)
                     continue
