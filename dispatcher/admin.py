@@ -1,30 +1,22 @@
-"""The admin HTTP port: health, readiness and Prometheus metrics."""
+"""The admin HTTP port: the /v1 API, health, readiness, Prometheus metrics and OpenAPI."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .listen import Listener
-from .metrics import Metrics
+from . import api_deliveries, api_events, api_subscriptions, openapi
+from .api import MAX_BODY, STATE, AdminState, authentication, errors, json_response
 
-
-@dataclass(frozen=True, slots=True)
-class AdminState:
-    pool: asyncpg.Pool
-    listener: Listener
-    metrics: Metrics
-
-
-STATE = web.AppKey("state", AdminState)
+__all__ = ["AdminState", "build"]
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -36,7 +28,7 @@ async def readyz(request: web.Request) -> web.Response:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass
     ready = all(checks.values())
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},
         status=200 if ready else 503,
     )
@@ -47,10 +39,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
+async def _resend_jobs(app: web.Application) -> AsyncIterator[None]:
+    jobs = app[api_deliveries.RESEND_JOBS]
+    await jobs.resume()
+    yield
+    await jobs.close()
+
+
 def build(state: AdminState) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors, authentication])
     app[STATE] = state
+    app[api_deliveries.RESEND_JOBS] = api_deliveries.ResendJobs(state.pool)
+    app.cleanup_ctx.append(_resend_jobs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.add_routes(api_subscriptions.routes())
+    app.add_routes(api_events.routes())
+    app.add_routes(api_deliveries.routes())
     return app

@@ -117,10 +117,15 @@ async def serve(
         )
         metrics = Metrics()
         sender = Sender(session, settings.delivery.response_capture_bytes, clock)
-        worker = Worker(pool, sender, settings.delivery, settings.security, metrics, clock=clock)
+        worker = Worker(
+            pool, sender, settings.delivery, settings.security, metrics, clock=clock,
+            retention_days=settings.retention.days,
+        )
         listener = Listener(dsn, worker.notify)
 
-        runner = web.AppRunner(build(AdminState(pool, listener, metrics)), access_log=None)
+        runner = web.AppRunner(
+            build(AdminState(pool, listener, metrics, settings)), access_log=None
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = parse_listen(settings.admin.listen)

@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 import structlog
 
-from . import config, logs
-from .app import StartupError, apply_migrations, open_database, serve
+from . import config, logs, sdnotify, tokens
+from .app import Running, StartupError, apply_migrations, open_database, serve
 from .embedded import EmbeddedError
 from .migrate import MigrationError
 
@@ -36,9 +36,35 @@ def _config_path(arg: str | None) -> Path | None:
 async def _run(settings: config.Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        # STOPPING=1 before the drain: systemd shows "deactivating" instead of a hang while
+        # in-flight requests finish within the grace period.
+        sdnotify.stopping()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
+        loop.add_signal_handler(sig, request_stop)
+
+    def ready(running: Running) -> None:
+        # Type=notify: systemd reports the unit started once migrations ran and the admin
+        # port listens.
+        sdnotify.ready(f"admin on {running.admin_url}")
+
+    await serve(settings, stop, on_ready=ready)
+
+
+async def _status(settings: config.Settings) -> None:
+    from . import status
+
+    async with AsyncExitStack() as stack:
+        dsn = await open_database(stack, settings)
+        await apply_migrations(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            print(status.render(await status.collect(conn)), end="")
+        finally:
+            await conn.close()
 
 
 async def _migrate(settings: config.Settings) -> None:
@@ -93,6 +119,21 @@ async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
     bench.print_report(report, args.json)
 
 
+async def _token_create(settings: config.Settings, args: argparse.Namespace) -> None:
+    if not args.environment.strip():
+        raise StartupError("--environment must not be empty")
+    async with AsyncExitStack() as stack:
+        dsn = await open_database(stack, settings)
+        await apply_migrations(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            token = await tokens.create(conn, args.environment, args.name)
+        finally:
+            await conn.close()
+    # Shown once: only its hash is stored.
+    print(token)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
     parser.add_argument(
@@ -108,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--payload", required=True, help="the event's JSON payload")
     pub.add_argument("--entity-instance-id")
     pub.add_argument("--idempotency-key")
+    sub.add_parser("status", help="queue, last hour's outcomes, failing subscriptions")
+    token = sub.add_parser("token", help="manage API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token for one environment")
+    create.add_argument("--environment", required=True)
+    create.add_argument("--name", help="what the token is for")
     bench = sub.add_parser("bench", help="measure deliveries/s against a plain HTTP client")
     bench.add_argument("--deliveries", type=int, default=20_000)
     bench.add_argument("--concurrency", type=int, default=256)
@@ -128,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": lambda: _migrate(settings),
         "publish": lambda: _publish(settings, args),
         "bench": lambda: _bench(settings, args),
+        "token": lambda: _token_create(settings, args),
+        "status": lambda: _status(settings),
     }
     try:
         _event_loop_run(commands[args.command]())

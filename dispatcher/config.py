@@ -56,6 +56,11 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    days: int = 14
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     format: str = "auto"
     level: str = "info"
@@ -68,6 +73,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -165,6 +171,8 @@ def _validate(settings: Settings) -> None:
             f"[delivery] lease_seconds ({d.lease_seconds}) must exceed timeout ({d.timeout}) "
             "by more than 5 s, or a slow request could be sent twice"
         )
+    if settings.retention.days < 1:
+        raise ConfigError(f"[retention] days must be at least 1, got {settings.retention.days}")
     if settings.log.format not in {"auto", "json", "console"}:
         raise ConfigError(
             f"[log] format must be auto, json or console, got {settings.log.format!r}"

@@ -6,6 +6,22 @@ import logging
 import sys
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a malformed request (bad header bytes, broken framing) with a traceback;
+    it already answered 400, so one warning line with the reason is the useful record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed request refused: %s"
+            record.args = (str(exc).replace("\n", " "),)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
@@ -27,3 +43,4 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())

@@ -109,7 +109,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 _RETRY_KEYS = {"delays", "initial", "factor", "growth_limit", "max_attempts", "max_age"}
 _RETRY_ON_KEYS = {f for f in RetryOn.__dataclass_fields__}
-_TOP_KEYS = {
+SETTING_KEYS = {
     "success",
     "retry",
     "retry_on",
@@ -137,7 +137,7 @@ def resolve(
         raise SettingsError("profile", f"unknown profile {profile!r}; one of {sorted(PROFILES)}")
     if not isinstance(overrides, Mapping):
         raise SettingsError("settings", "must be an object")
-    unknown = set(overrides) - _TOP_KEYS
+    unknown = set(overrides) - SETTING_KEYS
     if unknown:
         raise SettingsError(sorted(unknown)[0], "unknown setting")
     merged: dict[str, Any] = {**PROFILES[profile], **overrides}

@@ -38,7 +38,8 @@ WHERE d.id = due.id
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.url, s.secret, s.profile, s.settings::text AS settings, s.updated_at
+          s.url, s.secret, s.profile, s.settings::text AS settings, s.auth::text AS auth,
+          s.updated_at
 """
 
 # Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once).
@@ -105,3 +106,4 @@ WHERE NOT paused
 """
 
 PARTITIONS = "SELECT dispatcher.ensure_partitions(current_date, 3)"
+DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"

@@ -7,6 +7,7 @@ a freed send slot while a backlog waits, the safety poll, or stop. It never busy
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 import uuid
@@ -40,12 +41,34 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A subscription's resolved settings and the headers its receiver's auth needs."""
+
+    settings: EndpointSettings | SettingsError
+    auth_headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     message: Message
     attempt: int
     url: str
     secret: str
     endpoint: EndpointSettings | SettingsError
+    auth_headers: dict[str, str]
+
+
+def auth_headers(auth: dict[str, Any]) -> dict[str, str]:
+    """The request headers for a subscription's receiver auth (see sql/0002_admin.sql)."""
+    kind = auth.get("type", "none")
+    if kind == "basic":
+        pair = f"{auth['username']}:{auth['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    if kind == "bearer":
+        return {"Authorization": f"Bearer {auth['token']}"}
+    if kind == "header":
+        return {str(auth["name"]): str(auth["value"])}
+    return {}
 
 
 class Worker:
@@ -59,7 +82,9 @@ class Worker:
         *,
         clock: Clock = time.time,
         owner: UUID | None = None,
+        retention_days: int = 14,
     ) -> None:
+        self._retention_days = retention_days
         self.owner = owner or uuid.uuid4()
         self.timer = WakeTimer()
         self._pool = pool
@@ -88,7 +113,7 @@ class Worker:
         self._per_subscription: Counter[UUID] = Counter()
         self._caps: dict[UUID, int] = {}
         self._tasks: dict[asyncio.Task[None], Job] = {}
-        self._endpoints: dict[tuple[UUID, datetime], EndpointSettings | SettingsError] = {}
+        self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
         self._next_maintenance = 0.0
         metrics.in_flight.set_function(lambda: self._in_flight)
@@ -229,7 +254,10 @@ class Worker:
         key = (row["subscription_id"], row["updated_at"])
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = self._resolve(row["profile"], row["settings"])
+            endpoint = Endpoint(
+                self._resolve(row["profile"], row["settings"]),
+                auth_headers(orjson.loads(row["auth"])),
+            )
             if len(self._endpoints) > 10_000:
                 self._endpoints.clear()
             self._endpoints[key] = endpoint
@@ -247,7 +275,8 @@ class Worker:
             attempt=row["attempts"] + 1,
             url=row["url"],
             secret=row["secret"],
-            endpoint=endpoint,
+            endpoint=endpoint.settings,
+            auth_headers=endpoint.auth_headers,
         )
 
     def _resolve(self, profile: str, settings: str) -> EndpointSettings | SettingsError:
@@ -317,7 +346,11 @@ class Worker:
             return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc))
         sent_ns = time.time_ns()
         body = render(endpoint.envelope, job.message, sent_ns)
-        headers = {"Content-Type": "application/json", "User-Agent": endpoint.user_agent}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": endpoint.user_agent,
+            **job.auth_headers,
+        }
         headers.update(
             SIGNERS[endpoint.signature](
                 [job.secret], f"msg_{job.message.delivery_id}", body, sent_ns // 1_000_000
@@ -333,13 +366,24 @@ class Worker:
             stats = await self._pool.fetchrow(queries.QUEUE_STATS)
             self._metrics.queue_depth.set(stats["depth"])
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
-            mono = asyncio.get_running_loop().time()
-            if mono >= self._next_maintenance:
-                await self._pool.execute(queries.PARTITIONS)
-                self._next_maintenance = mono + 3600
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             log.warning("poll.failed", error=str(exc))
+        mono = asyncio.get_running_loop().time()
+        if mono >= self._next_maintenance:
+            self._next_maintenance = mono + 3600
+            await self._maintain()
+
+    async def _maintain(self) -> None:
+        """Hourly: partitions for the next days, retention for the old ones."""
+        try:
+            await self._pool.execute(queries.PARTITIONS)
+            dropped = await self._pool.fetchval(queries.DROP_PARTITIONS, self._retention_days)
+            if dropped:
+                log.info("retention.dropped", partitions=dropped, keep_days=self._retention_days)
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("maintenance").inc()
+            log.warning("maintenance.failed", error=str(exc))
 
     async def _arm_next_due(self) -> None:
         try:

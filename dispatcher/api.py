@@ -1,0 +1,211 @@
+"""What every admin API route shares: the app state, JSON in and out, errors, auth, paging."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+import structlog
+from aiohttp import web
+
+from .config import Settings
+from .listen import Listener
+from .metrics import Metrics
+from .tokens import Principal, authenticate
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 1024 * 1024
+MAX_PAGE = 200
+
+
+@dataclass(frozen=True, slots=True)
+class AdminState:
+    pool: asyncpg.Pool
+    listener: Listener
+    metrics: Metrics
+    settings: Settings
+
+
+STATE = web.AppKey("state", AdminState)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+class ApiError(Exception):
+    """An answer other than success: status, a machine code, a message, the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid", message, field)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+def _default(value: Any) -> Any:
+    # asyncpg returns its own UUID type, which orjson does not know.
+    if isinstance(value, UUID) or type(value).__name__ == "UUID":
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, default=_default, option=orjson.OPT_UTC_Z),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error_body(status: int, code: str, message: str, field: str | None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return json_response({"error": error}, status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure is JSON naming what was wrong; nothing escapes as a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_body(exc.status, exc.code, exc.message, exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        return _error_body(413, "too_large", f"request body over {MAX_BODY} bytes", "body")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        log.warning("admin.unavailable", path=request.path, error=str(exc))
+        return _error_body(503, "unavailable", "database unavailable, try again", None)
+    except Exception:
+        log.exception("admin.failed", method=request.method, path=request.path)
+        return _error_body(500, "internal", "internal error (logged)", None)
+
+
+@web.middleware
+async def authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+    state = request.app[STATE]
+    principal = await authenticate(state.pool, token.strip(), state.settings.admin.token)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "unknown token")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def state(request: web.Request) -> AdminState:
+    return request.app[STATE]
+
+
+async def body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; 400 when it is not one."""
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}", "body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "request body must be a JSON object", "body")
+    return data
+
+
+def environment_for(request: web.Request, requested: Any) -> str:
+    """The environment a write goes to: the token's own, or (admin) the one named."""
+    who = principal(request)
+    if who.environment_id is not None:
+        if requested is not None and requested != who.environment_id:
+            raise invalid("environment_id", "this token belongs to another environment")
+        return who.environment_id
+    if not isinstance(requested, str) or not requested or len(requested) > 200:
+        raise invalid("environment_id", "required with the admin token: a non-empty string")
+    return requested
+
+
+def scope(request: web.Request) -> str | None:
+    """The environment reads are limited to; None for the admin token (sees all)."""
+    return principal(request).environment_id
+
+
+def path_uuid(request: web.Request, name: str = "id") -> UUID:
+    try:
+        return UUID(request.match_info[name])
+    except ValueError:
+        raise not_found("subscription") from None
+
+
+def path_int(request: web.Request, what: str, name: str = "id") -> int:
+    text = request.match_info[name]
+    if not text.isdigit() or len(text) > 18:
+        raise not_found(what)
+    return int(text)
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(400, "bad_query", f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, "bad_query", f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def query_uuid(request: web.Request, name: str) -> UUID | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        return UUID(text)
+    except ValueError:
+        raise ApiError(400, "bad_query", f"{name} must be a UUID", name) from None
+
+
+def encode_cursor(*parts: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([str(p) for p in parts])).decode().rstrip("=")
+
+
+def decode_cursor(request: web.Request, size: int) -> list[str] | None:
+    text = request.query.get("cursor")
+    if text is None:
+        return None
+    try:
+        parts = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor") from None
+    if (
+        not isinstance(parts, list)
+        or len(parts) != size
+        or not all(isinstance(p, str) for p in parts)
+    ):
+        raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
+    return parts

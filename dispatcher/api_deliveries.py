@@ -1,0 +1,409 @@
+"""/v1/deliveries: history with every attempt, resend one, resend many as a background job."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+import structlog
+from aiohttp import web
+
+from .api import (
+    MAX_PAGE,
+    ApiError,
+    body,
+    decode_cursor,
+    encode_cursor,
+    environment_for,
+    invalid,
+    json_response,
+    not_found,
+    path_int,
+    query_int,
+    query_uuid,
+    scope,
+    state,
+)
+
+log = structlog.get_logger(__name__)
+
+STATUSES = ("pending", "sending", "retrying", "paused", "delivered", "failed", "expired")
+FINISHED = ("delivered", "failed", "expired")
+RESEND_BATCH = 500
+
+# Live deliveries and finished ones, in one shape. A live row's state follows from its
+# columns: a lease in force means it is being sent right now.
+DELIVERIES = """
+WITH d AS (
+    SELECT id, subscription_id, event_id, event_created_at, environment_id, attempts,
+           CASE WHEN paused THEN 'paused'
+                WHEN lease_owner IS NOT NULL AND due_at > now() THEN 'sending'
+                WHEN attempts = 0 THEN 'pending'
+                ELSE 'retrying' END AS status,
+           created_at, CASE WHEN lease_owner IS NULL THEN due_at END AS next_attempt_at,
+           NULL::timestamptz AS finished_at, last_status, last_error
+    FROM dispatcher.deliveries
+    WHERE ($1::text IS NULL OR environment_id = $1)
+      AND ($2::uuid IS NULL OR subscription_id = $2)
+    UNION ALL
+    SELECT id, subscription_id, event_id, event_created_at, environment_id, attempts, status,
+           created_at, NULL, finished_at, last_status, last_error
+    FROM dispatcher.deliveries_done
+    WHERE ($1::text IS NULL OR environment_id = $1)
+      AND ($2::uuid IS NULL OR subscription_id = $2)
+)
+SELECT d.*, e.event_name, e.entity_instance_id
+FROM d JOIN dispatcher.events e ON e.id = d.event_id AND e.created_at = d.event_created_at
+WHERE ($3::text IS NULL OR d.status = $3)
+  AND ($4::timestamptz IS NULL OR d.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR d.created_at < $5)
+  AND ($6::text IS NULL OR e.event_name = $6)
+  AND ($7::uuid IS NULL OR d.event_id = $7)
+  AND ($8::bigint IS NULL OR d.id < $8)
+  AND ($9::bigint IS NULL OR d.id = $9)
+ORDER BY d.id DESC
+LIMIT $10
+"""
+
+PAYLOAD = """
+SELECT payload::text FROM dispatcher.events WHERE id = $1 AND created_at = $2
+"""
+
+ATTEMPTS = """
+SELECT attempt, started_at, duration_ms, status_code, error, response_excerpt, outcome
+FROM dispatcher.attempts
+WHERE delivery_id = $1
+ORDER BY started_at, attempt
+"""
+
+RESEND = "SELECT dispatcher.resend($1::bigint[])"
+
+# Finished deliveries a bulk resend picks up: visible to the caller, matching the filter,
+# finished before the job started (so what it sent back and saw fail again stays put).
+MATCHING = """
+SELECT id FROM dispatcher.deliveries_done d
+WHERE ($1::text IS NULL OR d.environment_id = $1)
+  AND ($2::uuid IS NULL OR d.subscription_id = $2)
+  AND d.status = ANY($3::text[])
+  AND ($4::timestamptz IS NULL OR d.finished_at >= $4)
+  AND d.finished_at <= $5
+  AND ($6::bigint[] IS NULL OR d.id = ANY($6))
+  AND ($7::text IS NULL OR EXISTS (
+        SELECT 1 FROM dispatcher.events e
+        WHERE e.id = d.event_id AND e.created_at = d.event_created_at AND e.event_name = $7))
+  AND d.id > $8
+ORDER BY d.id
+LIMIT $9
+"""
+
+COUNT_MATCHING = """
+SELECT count(*) FROM dispatcher.deliveries_done d
+WHERE ($1::text IS NULL OR d.environment_id = $1)
+  AND ($2::uuid IS NULL OR d.subscription_id = $2)
+  AND d.status = ANY($3::text[])
+  AND ($4::timestamptz IS NULL OR d.finished_at >= $4)
+  AND d.finished_at <= $5
+  AND ($6::bigint[] IS NULL OR d.id = ANY($6))
+  AND ($7::text IS NULL OR EXISTS (
+        SELECT 1 FROM dispatcher.events e
+        WHERE e.id = d.event_id AND e.created_at = d.event_created_at AND e.event_name = $7))
+"""
+
+NEW_JOB = """
+INSERT INTO dispatcher.resend_jobs (environment_id, filter) VALUES ($1, $2::text::jsonb)
+RETURNING *
+"""
+
+JOB = """
+SELECT * FROM dispatcher.resend_jobs WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+
+def _delivery(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "subscription_id": row["subscription_id"],
+        "environment_id": row["environment_id"],
+        "event_id": row["event_id"],
+        "event_name": row["event_name"],
+        "entity_instance_id": row["entity_instance_id"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "created_at": row["created_at"],
+        "next_attempt_at": row["next_attempt_at"],
+        "finished_at": row["finished_at"],
+        "last_status_code": row["last_status"],
+        "last_error": row["last_error"],
+    }
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, "bad_query", f"{name} must be an ISO 8601 time", name) from None
+    if moment.tzinfo is None:
+        raise ApiError(400, "bad_query", f"{name} needs a time zone (e.g. Z)", name)
+    return moment
+
+
+async def list_(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, "bad_query", f"status must be one of {list(STATUSES)}", "status")
+    event_name = request.query.get("event_name")
+    if event_name is not None and len(event_name) > 200:
+        raise ApiError(400, "bad_query", "event_name is too long", "event_name")
+    limit = query_int(request, "limit", 50, 1, MAX_PAGE)
+    cursor = decode_cursor(request, 1)
+    before = None
+    if cursor is not None:
+        if not cursor[0].isdigit() or len(cursor[0]) > 18:
+            raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
+        before = int(cursor[0])
+    rows = await state(request).pool.fetch(
+        DELIVERIES,
+        scope(request),
+        query_uuid(request, "subscription_id"),
+        status,
+        _time(request, "since"),
+        _time(request, "until"),
+        event_name,
+        query_uuid(request, "event_id"),
+        before,
+        None,
+        limit + 1,
+    )
+    page = rows[:limit]
+    return json_response(
+        {
+            "items": [_delivery(r) for r in page],
+            "next_cursor": encode_cursor(page[-1]["id"]) if len(rows) > limit else None,
+        }
+    )
+
+
+async def _one(request: web.Request) -> asyncpg.Record:
+    delivery_id = path_int(request, "delivery")
+    rows = await state(request).pool.fetch(
+        DELIVERIES, scope(request), None, None, None, None, None, None, None, delivery_id, 1
+    )
+    if not rows:
+        raise not_found("delivery")
+    return rows[0]
+
+
+async def read(request: web.Request) -> web.Response:
+    row = await _one(request)
+    pool = state(request).pool
+    payload = await pool.fetchval(PAYLOAD, row["event_id"], row["event_created_at"])
+    attempts = await pool.fetch(ATTEMPTS, row["id"])
+    out = _delivery(row)
+    out["payload"] = orjson.Fragment(payload)
+    out["attempt_history"] = [
+        {
+            "attempt": a["attempt"],
+            "started_at": a["started_at"],
+            "duration_ms": a["duration_ms"],
+            "status_code": a["status_code"],
+            "error": a["error"],
+            "response_excerpt": a["response_excerpt"],
+            "outcome": a["outcome"],
+        }
+        for a in attempts
+    ]
+    return json_response(out)
+
+
+async def resend_one(request: web.Request) -> web.Response:
+    row = await _one(request)
+    if row["status"] == "sending":
+        raise ApiError(409, "busy", "the delivery is being sent right now; try again shortly")
+    moved = await state(request).pool.fetchval(RESEND, [row["id"]])
+    if not moved and row["status"] in FINISHED:
+        raise ApiError(409, "gone", "the delivery's subscription no longer exists")
+    fresh = await _one(request)
+    return json_response(_delivery(fresh), 202)
+
+
+def _job(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "environment_id": row["environment_id"],
+        "filter": orjson.loads(row["filter"]),
+        "status": row["status"],
+        "matched": row["matched"],
+        "resent": row["resent"],
+        "error": row["error"],
+        "created_at": row["created_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def _resend_filter(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
+    allowed = {"environment_id", "subscription_id", "status", "since", "event_name", "ids"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    environment = (
+        environment_for(request, data.get("environment_id"))
+        if scope(request) is not None or data.get("environment_id") is not None
+        else None
+    )
+    out: dict[str, Any] = {"environment_id": environment}
+    subscription = data.get("subscription_id")
+    if subscription is not None:
+        try:
+            out["subscription_id"] = str(UUID(str(subscription)))
+        except ValueError:
+            raise invalid("subscription_id", "must be a UUID") from None
+    statuses = data.get("status", "failed")
+    statuses = [statuses] if isinstance(statuses, str) else statuses
+    if not isinstance(statuses, list) or not statuses or not all(s in FINISHED for s in statuses):
+        raise invalid("status", f"must be one or a list of {list(FINISHED)}")
+    out["status"] = statuses
+    since = data.get("since")
+    if since is not None:
+        try:
+            moment = datetime.fromisoformat(str(since).replace("Z", "+00:00"))
+        except ValueError:
+            raise invalid("since", "must be an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise invalid("since", "needs a time zone (e.g. Z)")
+        out["since"] = moment.isoformat()
+    name = data.get("event_name")
+    if name is not None:
+        if not isinstance(name, str) or len(name) > 200:
+            raise invalid("event_name", "must be an event name")
+        out["event_name"] = name
+    ids = data.get("ids")
+    if ids is not None:
+        if (
+            not isinstance(ids, list)
+            or not 1 <= len(ids) <= 1000
+            or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids
+            )
+        ):
+            raise invalid("ids", "must be a list of 1 to 1000 delivery ids")
+        out["ids"] = ids
+    return out
+
+
+def _filter_args(filt: dict[str, Any], cutoff: datetime) -> list[Any]:
+    since = filt.get("since")
+    return [
+        filt.get("environment_id"),
+        UUID(filt["subscription_id"]) if filt.get("subscription_id") else None,
+        filt["status"],
+        datetime.fromisoformat(since) if since else None,
+        cutoff,
+        filt.get("ids"),
+        filt.get("event_name"),
+    ]
+
+
+async def resend_many(request: web.Request) -> web.Response:
+    data = await body(request)
+    filt = _resend_filter(request, data)
+    pool = state(request).pool
+    job = await pool.fetchrow(NEW_JOB, filt["environment_id"], orjson.dumps(filt).decode())
+    jobs = request.app[RESEND_JOBS]
+    jobs.start(job["id"])
+    return json_response(_job(job), 202)
+
+
+async def read_job(request: web.Request) -> web.Response:
+    try:
+        job_id = UUID(request.match_info["id"])
+    except ValueError:
+        raise not_found("resend job") from None
+    row = await state(request).pool.fetchrow(JOB, job_id, scope(request))
+    if row is None:
+        raise not_found("resend job")
+    return json_response(_job(row))
+
+
+class ResendJobs:
+    """Runs bulk resends in the background; jobs left running by a stop resume at start."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, job_id: UUID) -> None:
+        task = asyncio.create_task(self._run(job_id), name=f"resend-{job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self) -> None:
+        for row in await self._pool.fetch(
+            "SELECT id FROM dispatcher.resend_jobs WHERE status = 'running'"
+        ):
+            self.start(row["id"])
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, job_id: UUID) -> None:
+        job = await self._pool.fetchrow(
+            "SELECT * FROM dispatcher.resend_jobs WHERE id = $1", job_id
+        )
+        args = _filter_args(orjson.loads(job["filter"]), job["cutoff"])
+        try:
+            matched = await self._pool.fetchval(COUNT_MATCHING, *args)
+            await self._pool.execute(
+                "UPDATE dispatcher.resend_jobs SET matched = resent + $2 WHERE id = $1",
+                job_id,
+                matched,
+            )
+            after = 0
+            while True:
+                ids = [
+                    r["id"] for r in await self._pool.fetch(MATCHING, *args, after, RESEND_BATCH)
+                ]
+                if not ids:
+                    break
+                moved = await self._pool.fetchval(RESEND, ids)
+                await self._pool.execute(
+                    "UPDATE dispatcher.resend_jobs SET resent = resent + $2 WHERE id = $1",
+                    job_id,
+                    moved,
+                )
+                after = ids[-1]
+            await self._pool.execute(
+                "UPDATE dispatcher.resend_jobs SET status = 'done', finished_at = now() "
+                "WHERE id = $1",
+                job_id,
+            )
+            log.info("resend.done", job_id=str(job_id), matched=matched)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.error("resend.failed", job_id=str(job_id), error=str(exc))
+            await self._pool.execute(
+                "UPDATE dispatcher.resend_jobs SET status = 'failed', error = $2, "
+                "finished_at = now() WHERE id = $1",
+                job_id,
+                str(exc)[:500],
+            )
+
+
+RESEND_JOBS = web.AppKey("resend_jobs", ResendJobs)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/deliveries", list_),
+        web.post("/v1/deliveries/resend", resend_many),
+        web.get("/v1/deliveries/{id}", read),
+        web.post("/v1/deliveries/{id}/resend", resend_one),
+        web.get("/v1/resend-jobs/{id}", read_job),
+    ]

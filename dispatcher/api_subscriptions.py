@@ -1,0 +1,420 @@
+"""/v1/subscriptions: create, list, read, update, delete, (de)activate, stats."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from .api import (
+    MAX_PAGE,
+    ApiError,
+    body,
+    decode_cursor,
+    encode_cursor,
+    environment_for,
+    invalid,
+    json_response,
+    not_found,
+    path_uuid,
+    query_int,
+    scope,
+    state,
+)
+from .netguard import URLRejectedError, check_url
+from .profiles import PROFILES, SETTING_KEYS, SettingsError, resolve
+from .signing import new_secret
+
+EVENT_PATTERN = re.compile(r"^(\*|[a-z0-9_-]+\.\*|[a-z0-9_-]+\.[a-z0-9_-]+\.(\*|v[0-9]+))$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+FIELDS = {
+    "environment_id",
+    "url",
+    "events",
+    "entity",
+    "event_type",
+    "profile",
+    "name",
+    "description",
+    "active",
+    "secret",
+    "auth",
+    "email",
+    "settings",
+}
+
+INSERT = """
+INSERT INTO dispatcher.subscriptions
+    (environment_id, url, events, profile, settings, secret, name, description, active,
+     auth, email)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10::text::jsonb, $11)
+RETURNING *
+"""
+
+SELECT_ONE = """
+SELECT * FROM dispatcher.subscriptions
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+SELECT_PAGE = """
+SELECT * FROM dispatcher.subscriptions
+WHERE ($1::text IS NULL OR environment_id = $1)
+  AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3::uuid))
+ORDER BY created_at, id
+LIMIT $4
+"""
+
+UPDATE = """
+UPDATE dispatcher.subscriptions
+SET url = $2, events = $3, profile = $4, settings = $5::text::jsonb, secret = $6, name = $7,
+    description = $8, active = $9, auth = $10::text::jsonb, email = $11,
+    deactivated_reason = CASE WHEN $9 THEN NULL ELSE deactivated_reason END,
+    updated_at = now()
+WHERE id = $1
+RETURNING *
+"""
+
+SET_ACTIVE = """
+UPDATE dispatcher.subscriptions
+SET active = $3, deactivated_reason = CASE WHEN $3 THEN NULL ELSE 'deactivated by API' END,
+    updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+RETURNING *
+"""
+
+DELETE = """
+DELETE FROM dispatcher.subscriptions
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+# Over the attempts of the last $2 seconds.
+STATS = """
+SELECT count(*) AS attempts,
+       count(*) FILTER (WHERE outcome = 'delivered') AS succeeded,
+       count(DISTINCT delivery_id) AS deliveries,
+       avg(duration_ms) AS mean_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
+FROM dispatcher.attempts
+WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+"""
+
+OUTCOMES = """
+SELECT status, count(*) AS n FROM dispatcher.deliveries_done
+WHERE subscription_id = $1 AND finished_at >= now() - make_interval(secs => $2)
+GROUP BY status
+"""
+
+PENDING = "SELECT count(*) FROM dispatcher.deliveries WHERE subscription_id = $1"
+
+
+def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
+    """A subscription as the API shows it: secrets of the receiver's auth are never shown."""
+    auth = orjson.loads(row["auth"])
+    shown = {"type": auth.get("type", "none")}
+    if "username" in auth:
+        shown["username"] = auth["username"]
+    if "name" in auth:
+        shown["name"] = auth["name"]
+    out: dict[str, Any] = {
+        "id": row["id"],
+        "environment_id": row["environment_id"],
+        "url": row["url"],
+        "events": row["events"],
+        "profile": row["profile"],
+        "settings": orjson.loads(row["settings"]),
+        "name": row["name"],
+        "description": row["description"],
+        "active": row["active"],
+        "deactivated_reason": row["deactivated_reason"],
+        "auth": shown,
+        "email": row["email"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+    if secret is not None:
+        out["secret"] = secret
+    return out
+
+
+def _text(data: dict[str, Any], key: str, limit: int) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise invalid(key, f"must be a string of at most {limit} characters")
+    return value
+
+
+def _events(data: dict[str, Any]) -> list[str]:
+    if "entity" in data or "event_type" in data:
+        # Tilby's way to subscribe: one entity and one event type, any version.
+        entity, kind = data.get("entity"), data.get("event_type")
+        for key, value in (("entity", entity), ("event_type", kind)):
+            if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_-]{1,100}", value):
+                raise invalid(key, "must be a lowercase name (a-z, 0-9, _ or -)")
+        if "events" in data:
+            raise invalid("events", "give either events or entity + event_type")
+        return [f"{entity}.{kind}.*"]
+    events = data.get("events")
+    if not isinstance(events, list) or not 1 <= len(events) <= 100:
+        raise invalid("events", "must be a list of 1 to 100 event names or patterns")
+    for item in events:
+        if not isinstance(item, str) or len(item) > 200 or not EVENT_PATTERN.match(item):
+            raise invalid(
+                "events",
+                f"{item!r} is not an event name (entity.action.v0) or pattern "
+                "(entity.action.*, entity.*, *)",
+            )
+    return list(dict.fromkeys(events))
+
+
+def _auth(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {"type": "none"}
+    if not isinstance(value, dict):
+        raise invalid("auth", "must be an object with a type")
+    kind = value.get("type")
+    required = {
+        "none": (),
+        "basic": ("username", "password"),
+        "bearer": ("token",),
+        "header": ("name", "value"),
+    }
+    if kind not in required:
+        raise invalid("auth.type", f"must be one of {sorted(required)}")
+    extra = set(value) - {"type", *required[kind]}
+    if extra:
+        raise invalid(f"auth.{sorted(extra)[0]}", "unknown field")
+    for key in required[kind]:
+        item = value.get(key)
+        if not isinstance(item, str) or not item or len(item) > 1000 or "\n" in item:
+            raise invalid(f"auth.{key}", "must be a non-empty single-line string")
+    if kind == "header" and not re.fullmatch(r"[A-Za-z0-9-]{1,100}", value["name"]):
+        raise invalid("auth.name", "must be an HTTP header name")
+    return dict(value)
+
+
+def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[str, Any]:
+    """Profile overrides, given nested under "settings" or at the top level."""
+    nested = data.get("settings", {})
+    if not isinstance(nested, dict):
+        raise invalid("settings", "must be an object")
+    top = {k: v for k, v in data.items() if k in SETTING_KEYS}
+    overrides = {**nested, **top}
+    config = state(request).settings.delivery
+    try:
+        resolve(profile, overrides, timeout=config.timeout, connect_timeout=config.connect_timeout)
+    except SettingsError as exc:
+        field = (
+            exc.field
+            if exc.field == "profile" or exc.field.split(".")[0] in top
+            else (f"settings.{exc.field}")
+        )
+        raise invalid(field, exc.message) from None
+    return overrides
+
+
+def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(data) - FIELDS - SETTING_KEYS
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    url = data.get("url")
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise invalid("url", "must be a URL of at most 2048 characters")
+    security = state(request).settings.security
+    try:
+        check_url(
+            url, allow_http=security.allow_http, allow_private=security.allow_private_networks
+        )
+    except URLRejectedError as exc:
+        raise invalid("url", str(exc)) from None
+    profile = data.get("profile", "standard")
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise invalid("profile", f"must be one of {sorted(PROFILES)}")
+    active = data.get("active", True)
+    if not isinstance(active, bool):
+        raise invalid("active", "must be true or false")
+    secret = data.get("secret")
+    if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 200):
+        raise invalid("secret", "must be a string of 16 to 200 characters")
+    email = _text(data, "email", 320)
+    if email is not None and not EMAIL.match(email):
+        raise invalid("email", "must be an email address")
+    return {
+        "url": url,
+        "events": _events(data),
+        "profile": profile,
+        "settings": _settings(request, data, profile),
+        "name": _text(data, "name", 200),
+        "description": _text(data, "description", 2000),
+        "active": active,
+        "secret": secret,
+        "auth": _auth(data.get("auth")),
+        "email": email,
+    }
+
+
+async def create(request: web.Request) -> web.Response:
+    data = await body(request)
+    environment = environment_for(request, data.get("environment_id"))
+    fields = _validated(request, data)
+    secret = fields["secret"] or new_secret()
+    row = await state(request).pool.fetchrow(
+        INSERT,
+        environment,
+        fields["url"],
+        fields["events"],
+        fields["profile"],
+        orjson.dumps(fields["settings"]).decode(),
+        secret,
+        fields["name"],
+        fields["description"],
+        fields["active"],
+        orjson.dumps(fields["auth"]).decode(),
+        fields["email"],
+    )
+    return json_response(public(row, secret=secret), 201)
+
+
+async def list_(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 50, 1, MAX_PAGE)
+    cursor = decode_cursor(request, 2)
+    after_time: Any = None
+    after_id: Any = None
+    if cursor is not None:
+        try:
+            after_time, after_id = datetime.fromisoformat(cursor[0]), UUID(cursor[1])
+        except ValueError:
+            raise ApiError(
+                400, "bad_query", "cursor is not one this API gave out", "cursor"
+            ) from None
+    rows = await state(request).pool.fetch(
+        SELECT_PAGE, scope(request), after_time, after_id, limit + 1
+    )
+    page = rows[:limit]
+    next_cursor = (
+        encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"])
+        if len(rows) > limit
+        else None
+    )
+    return json_response({"items": [public(r) for r in page], "next_cursor": next_cursor})
+
+
+async def _one(request: web.Request) -> asyncpg.Record:
+    row = await state(request).pool.fetchrow(SELECT_ONE, path_uuid(request), scope(request))
+    if row is None:
+        raise not_found("subscription")
+    return row
+
+
+async def read(request: web.Request) -> web.Response:
+    return json_response(public(await _one(request)))
+
+
+async def update(request: web.Request) -> web.Response:
+    data = await body(request)
+    if "environment_id" in data:
+        raise invalid("environment_id", "cannot be changed")
+    current = await _one(request)
+    merged: dict[str, Any] = {
+        "url": current["url"],
+        "profile": current["profile"],
+        "settings": orjson.loads(current["settings"]),
+        "name": current["name"],
+        "description": current["description"],
+        "active": current["active"],
+        "secret": current["secret"],
+        "auth": orjson.loads(current["auth"]),
+        "email": current["email"],
+    }
+    if not ({"entity", "event_type"} & set(data)):
+        merged["events"] = current["events"]
+    new_auth = data.get("auth")
+    if isinstance(new_auth, dict) and "type" not in new_auth:
+        raise invalid("auth.type", "required")
+    merged.update(data)
+    fields = _validated(request, merged)
+    row = await state(request).pool.fetchrow(
+        UPDATE,
+        current["id"],
+        fields["url"],
+        fields["events"],
+        fields["profile"],
+        orjson.dumps(fields["settings"]).decode(),
+        fields["secret"] or current["secret"],
+        fields["name"],
+        fields["description"],
+        fields["active"],
+        orjson.dumps(fields["auth"]).decode(),
+        fields["email"],
+    )
+    return json_response(public(row))
+
+
+async def delete(request: web.Request) -> web.Response:
+    result = await state(request).pool.execute(DELETE, path_uuid(request), scope(request))
+    if result == "DELETE 0":
+        raise not_found("subscription")
+    return web.Response(status=204)
+
+
+async def _set_active(request: web.Request, active: bool) -> web.Response:
+    row = await state(request).pool.fetchrow(SET_ACTIVE, path_uuid(request), scope(request), active)
+    if row is None:
+        raise not_found("subscription")
+    return json_response(public(row))
+
+
+async def activate(request: web.Request) -> web.Response:
+    return await _set_active(request, True)
+
+
+async def deactivate(request: web.Request) -> web.Response:
+    return await _set_active(request, False)
+
+
+async def stats(request: web.Request) -> web.Response:
+    window = query_int(request, "window", 86_400, 60, 90 * 86_400)
+    row = await _one(request)
+    pool = state(request).pool
+    numbers = await pool.fetchrow(STATS, row["id"], float(window))
+    outcomes = {r["status"]: r["n"] for r in await pool.fetch(OUTCOMES, row["id"], float(window))}
+    attempts = numbers["attempts"]
+    deliveries = numbers["deliveries"]
+    return json_response(
+        {
+            "subscription_id": row["id"],
+            "window_seconds": window,
+            "attempts": attempts,
+            "succeeded_attempts": numbers["succeeded"],
+            "success_rate": numbers["succeeded"] / attempts if attempts else None,
+            "error_rate": (attempts - numbers["succeeded"]) / attempts if attempts else None,
+            "mean_response_ms": numbers["mean_ms"],
+            "p95_response_ms": numbers["p95_ms"],
+            "retries_per_delivery": (attempts - deliveries) / deliveries if deliveries else None,
+            "deliveries": {
+                "delivered": outcomes.get("delivered", 0),
+                "failed": outcomes.get("failed", 0),
+                "expired": outcomes.get("expired", 0),
+                "pending": await pool.fetchval(PENDING, row["id"]),
+            },
+        }
+    )
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/subscriptions", create),
+        web.get("/v1/subscriptions", list_),
+        web.get("/v1/subscriptions/{id}", read),
+        web.patch("/v1/subscriptions/{id}", update),
+        web.delete("/v1/subscriptions/{id}", delete),
+        web.post("/v1/subscriptions/{id}/activate", activate),
+        web.post("/v1/subscriptions/{id}/deactivate", deactivate),
+        web.get("/v1/subscriptions/{id}/stats", stats),
+    ]

@@ -1,0 +1,60 @@
+"""Property-based run: schemathesis generates requests from /openapi.json against the daemon.
+
+No request may get a 5xx, and every answer must match the documented status codes,
+content types and schemas. Runs as a process against a daemon process, as a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from dispatcher import tokens
+
+from .helpers import DaemonProcess, Receiver, subscribe
+
+ADMIN_TOKEN = "admin-token-for-the-fuzz-run-0123456789"
+CHECKS = ",".join([
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+])
+
+
+@pytest.mark.timeout(300)
+async def test_generated_requests_get_no_5xx_and_match_the_schema(
+    database: str, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
+) -> None:
+    token = await tokens.create(db, "env-fuzz")
+    await subscribe(db, receiver.url(), ["*"], environment="env-fuzz")
+    await db.execute("SELECT dispatcher.publish('env-fuzz', 'products.create.v0', '{}')")
+    with DaemonProcess(database, {"DISPATCHER_ADMIN_TOKEN": ADMIN_TOKEN}) as daemon:
+        daemon.start(tmp_path)
+        await daemon.wait_ready()
+        base = f"http://127.0.0.1:{daemon.port}"
+        for who in (token, ADMIN_TOKEN):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
+                "--header", f"Authorization: Bearer {who}",
+                "--checks", CHECKS,
+                "--max-examples", "15",
+                "--seed", "20261125",
+                "--phases", "examples,coverage,fuzzing",
+                "--request-timeout", "10",
+                "--no-color",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+                cwd=tmp_path,
+            )
+            output, _ = await asyncio.wait_for(proc.communicate(), 240)
+            text = output.decode(errors="replace")
+            assert proc.returncode == 0, text[-6000:] + "\n-- daemon --\n" + daemon.output()[-4000:]
+        log = daemon.output()
+        assert "Traceback" not in log, log[log.index("Traceback") - 300:][:3000]
