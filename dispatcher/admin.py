@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import api_deliveries, api_events, api_subscriptions, openapi
+from . import api_deliveries, api_events, api_subscriptions, openapi, ui
 from .api import MAX_BODY, STATE, AdminState, authentication, errors, json_response
 
 __all__ = ["AdminState", "build"]
@@ -62,4 +62,5 @@ def build(state: AdminState) -> web.Application:
     app.add_routes(api_subscriptions.routes())
     app.add_routes(api_events.routes())
     app.add_routes(api_deliveries.routes())
+    app.add_routes(ui.routes())  # the operator page; it uses only the /v1 API above
     return app

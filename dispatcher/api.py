@@ -17,6 +17,7 @@ from aiohttp import web
 from .config import Settings
 from .listen import Listener
 from .metrics import Metrics
+from .send import Sender
 from .tokens import Principal, authenticate
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,7 @@ class AdminState:
     listener: Listener
     metrics: Metrics
     settings: Settings
+    sender: Sender
 
 
 STATE = web.AppKey("state", AdminState)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import asyncpg
 import orjson
@@ -35,15 +36,21 @@ def _optional_text(data: dict[str, object], key: str) -> str | None:
     return value
 
 
-async def publish(request: web.Request) -> web.Response:
+async def _target(request: web.Request, fields: set[str]) -> tuple[dict[str, Any], str, str]:
+    """The body, its environment and its event name, checked."""
     data = await body(request)
-    unknown = set(data) - FIELDS
+    unknown = set(data) - fields
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")
     environment = environment_for(request, data.get("environment_id"))
     name = data.get("event_name")
     if not isinstance(name, str) or len(name) > 200 or not EVENT_NAME.match(name):
         raise invalid("event_name", "must look like entity.action.v0 (lowercase)")
+    return data, environment, name
+
+
+async def publish(request: web.Request) -> web.Response:
+    data, environment, name = await _target(request, FIELDS)
     if "payload" not in data:
         raise invalid("payload", "required: the event's JSON")
     try:
@@ -73,5 +80,23 @@ async def publish(request: web.Request) -> web.Response:
     )
 
 
+IMPORT = "SELECT dispatcher.publish_import($1, $2, $3::text::jsonb)"
+
+
+async def publish_import(request: web.Request) -> web.Response:
+    """Many entities at once: items and customers go out in batches of at most 80 a request."""
+    data, environment, name = await _target(request, {"environment_id", "event_name", "entities"})
+    entities = data.get("entities")
+    if not isinstance(entities, list) or not 1 <= len(entities) <= 100_000:
+        raise invalid("entities", "must be a list of 1 to 100000 entities")
+    try:
+        events = await state(request).pool.fetchval(
+            IMPORT, environment, name, orjson.dumps(entities).decode()
+        )
+    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
+        raise invalid("entities", "contains a character PostgreSQL cannot store") from None
+    return json_response({"events": events, "entities": len(entities)}, 201)
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.post("/v1/events", publish)]
+    return [web.post("/v1/events", publish), web.post("/v1/events/import", publish_import)]

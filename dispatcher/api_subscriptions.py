@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -22,13 +23,16 @@ from .api import (
     json_response,
     not_found,
     path_uuid,
+    principal,
     query_int,
     scope,
     state,
 )
+from .envelope import iso_millis
 from .netguard import URLRejectedError, check_url
 from .profiles import PROFILES, SETTING_KEYS, SettingsError, resolve
-from .signing import new_secret
+from .signing import SIGNERS, new_secret
+from .worker import auth_headers
 
 EVENT_PATTERN = re.compile(r"^(\*|[a-z0-9_-]+\.\*|[a-z0-9_-]+\.[a-z0-9_-]+\.(\*|v[0-9]+))$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -259,25 +263,77 @@ def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _verify(
+    request: web.Request, environment: str, fields: dict[str, Any], secret: str
+) -> None:
+    """Tilby's create-time check: POST a SUBSCRIBED test; anything but 200 refuses the create."""
+    config = state(request).settings.delivery
+    endpoint = resolve(
+        fields["profile"],
+        fields["settings"],
+        timeout=config.timeout,
+        connect_timeout=config.connect_timeout,
+    )
+    if not endpoint.verify_on_create:
+        return
+    now_ns = time.time_ns()
+    test = orjson.dumps(
+        {
+            "type": "SUBSCRIBED",
+            "entity_name": fields["events"][0].split(".")[0],
+            "time": iso_millis(datetime.fromtimestamp(now_ns / 1e9, UTC)),
+            "environment_id": environment,
+            "client_id": principal(request).client_id,
+        }
+    )
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": endpoint.user_agent,
+        **auth_headers(fields["auth"]),
+    }
+    headers.update(
+        SIGNERS[endpoint.signature](
+            [secret], "msg_subscribed", test, now_ns // 1_000_000, endpoint.signature_header
+        )
+    )
+    outcome = await state(request).sender.post(fields["url"], test, headers, endpoint)
+    if outcome.status != 200:
+        got = f"answered {outcome.status}" if outcome.status else f"failed ({outcome.error})"
+        raise invalid("url", f"the SUBSCRIBED test request {got}; it must answer 200")
+
+
+def _taken() -> ApiError:
+    return ApiError(
+        409,
+        "exists",
+        "this environment already has a tilby subscription for this entity and event type",
+        "events",
+    )
+
+
 async def create(request: web.Request) -> web.Response:
     data = await body(request)
     environment = environment_for(request, data.get("environment_id"))
     fields = _validated(request, data)
     secret = fields["secret"] or new_secret()
-    row = await state(request).pool.fetchrow(
-        INSERT,
-        environment,
-        fields["url"],
-        fields["events"],
-        fields["profile"],
-        orjson.dumps(fields["settings"]).decode(),
-        secret,
-        fields["name"],
-        fields["description"],
-        fields["active"],
-        orjson.dumps(fields["auth"]).decode(),
-        fields["email"],
-    )
+    await _verify(request, environment, fields, secret)
+    try:
+        row = await state(request).pool.fetchrow(
+            INSERT,
+            environment,
+            fields["url"],
+            fields["events"],
+            fields["profile"],
+            orjson.dumps(fields["settings"]).decode(),
+            secret,
+            fields["name"],
+            fields["description"],
+            fields["active"],
+            orjson.dumps(fields["auth"]).decode(),
+            fields["email"],
+        )
+    except asyncpg.UniqueViolationError:
+        raise _taken() from None
     return json_response(public(row, secret=secret), 201)
 
 
@@ -339,20 +395,23 @@ async def update(request: web.Request) -> web.Response:
         raise invalid("auth.type", "required")
     merged.update(data)
     fields = _validated(request, merged)
-    row = await state(request).pool.fetchrow(
-        UPDATE,
-        current["id"],
-        fields["url"],
-        fields["events"],
-        fields["profile"],
-        orjson.dumps(fields["settings"]).decode(),
-        fields["secret"] or current["secret"],
-        fields["name"],
-        fields["description"],
-        fields["active"],
-        orjson.dumps(fields["auth"]).decode(),
-        fields["email"],
-    )
+    try:
+        row = await state(request).pool.fetchrow(
+            UPDATE,
+            current["id"],
+            fields["url"],
+            fields["events"],
+            fields["profile"],
+            orjson.dumps(fields["settings"]).decode(),
+            fields["secret"] or current["secret"],
+            fields["name"],
+            fields["description"],
+            fields["active"],
+            orjson.dumps(fields["auth"]).decode(),
+            fields["email"],
+        )
+    except asyncpg.UniqueViolationError:
+        raise _taken() from None
     return json_response(public(row))
 
 

@@ -23,6 +23,7 @@ from .admin import AdminState, build
 from .config import Settings, parse_listen
 from .embedded import EmbeddedPostgres, default_data_dir
 from .listen import Listener
+from .mailer import Mailer
 from .metrics import Metrics
 from .send import Sender, client_session
 from .worker import Worker
@@ -112,19 +113,27 @@ async def serve(
         stack.push_async_callback(pool.close)
         session = await stack.enter_async_context(
             client_session(
-                settings.delivery.max_in_flight, settings.security.allow_private_networks
+                settings.delivery.max_in_flight,
+                settings.security.allow_private_networks,
+                allow_http=settings.security.allow_http,
             )
         )
         metrics = Metrics()
         sender = Sender(session, settings.delivery.response_capture_bytes, clock)
         worker = Worker(
-            pool, sender, settings.delivery, settings.security, metrics, clock=clock,
+            pool,
+            sender,
+            settings.delivery,
+            settings.security,
+            metrics,
+            clock=clock,
             retention_days=settings.retention.days,
         )
-        listener = Listener(dsn, worker.notify)
+        mailer = Mailer(pool, settings.email, clock)
+        listener = Listener(dsn, worker.notify, also={"dispatcher_email": mailer.notify})
 
         runner = web.AppRunner(
-            build(AdminState(pool, listener, metrics, settings)), access_log=None
+            build(AdminState(pool, listener, metrics, settings, sender)), access_log=None
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -137,6 +146,7 @@ async def serve(
         admin_url = f"http://{bound_host}:{bound_port}"
 
         side = [
+            asyncio.create_task(mailer.run(), name="mailer"),
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(worker.recorder.run(), name="recorder"),
         ]

@@ -67,6 +67,20 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EmailSettings:
+    smtp_host: str = ""
+    smtp_port: int = 25
+    sender: str = "dispatcher@localhost"
+    starttls: bool = False
+    tls: bool = False
+    username: str = ""
+    password: str = ""
+    timeout: float = 10.0
+    max_tries: int = 10
+    poll_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
@@ -75,6 +89,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    email: EmailSettings = field(default_factory=EmailSettings)
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -178,6 +193,27 @@ def _validate(settings: Settings) -> None:
             f"[log] format must be auto, json or console, got {settings.log.format!r}"
         )
     parse_listen(settings.admin.listen)
+    _validate_email(settings.email)
+
+
+def _validate_email(e: EmailSettings) -> None:
+    if not 1 <= e.smtp_port <= 65535:
+        raise ConfigError(f"[email] smtp_port must be 1 to 65535, got {e.smtp_port}")
+    if e.starttls and e.tls:
+        raise ConfigError("[email] starttls and tls exclude each other: tls is TLS from the start")
+    if "@" not in e.sender or any(c in e.sender for c in "\r\n<>"):
+        raise ConfigError(
+            f"[email] sender must be an address like name@example.com, got {e.sender!r}"
+        )
+    if bool(e.username) != bool(e.password):
+        raise ConfigError("[email] username and password go together: set both or neither")
+    for key, value in {
+        "timeout": e.timeout,
+        "max_tries": e.max_tries,
+        "poll_interval": e.poll_interval,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"[email] {key} must be positive, got {value}")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

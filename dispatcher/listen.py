@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import asyncpg
 import structlog
@@ -20,9 +20,17 @@ class Listener:
     timer and safety poll, but new work waits for the poll.
     """
 
-    def __init__(self, dsn: str, on_work: Callable[[], None], *, retry_max: float = 5.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        on_work: Callable[[], None],
+        *,
+        retry_max: float = 5.0,
+        also: Mapping[str, Callable[[], None]] | None = None,
+    ) -> None:
         self._dsn = dsn
-        self._on_work = on_work
+        # Channel -> callback; `also` adds channels heard on the same connection.
+        self._wakers = {CHANNEL: on_work, **(also or {})}
         self._retry_max = retry_max
         self.connected = False
 
@@ -39,12 +47,14 @@ class Listener:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
-                await conn.add_listener(CHANNEL, self._notified)
+                for channel in self._wakers:
+                    await conn.add_listener(channel, self._notified)
                 self.connected = True
                 backoff = 0.1
                 log.info("listen.connected")
                 # Anything published while we were away was not heard: look now.
-                self._on_work()
+                for wake in self._wakers.values():
+                    wake()
                 await self._watch(conn, lost)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("listen.lost", error=str(exc))
@@ -61,5 +71,5 @@ class Listener:
             except TimeoutError:
                 await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
 
-    def _notified(self, *_: object) -> None:
-        self._on_work()
+    def _notified(self, _conn: object, _pid: int, channel: str, _payload: object) -> None:
+        self._wakers[channel]()

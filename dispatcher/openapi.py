@@ -340,6 +340,21 @@ COMPONENTS: dict[str, Schema] = {
             "duplicate": {"type": "boolean"},
         },
     },
+    "ImportCreate": {
+        "type": "object",
+        "required": ["event_name", "entities"],
+        "additionalProperties": False,
+        "properties": {
+            "environment_id": {"type": "string", "minLength": 1, "maxLength": 200},
+            "event_name": EVENT_NAME,
+            "entities": {"type": "array", "minItems": 1, "maxItems": 100_000},
+        },
+    },
+    "Import": {
+        "type": "object",
+        "required": ["events", "entities"],
+        "properties": {"events": {"type": "integer"}, "entities": {"type": "integer"}},
+    },
     "Delivery": DELIVERY,
     "DeliveryDetail": {
         "allOf": [
@@ -510,6 +525,15 @@ def document() -> Schema:
                             **_json(_ref("Event")),
                         },
                     },
+                },
+            },
+            "/v1/events/import": {
+                "post": {
+                    "operationId": "publishImport",
+                    "description": "Items and customers reach subscribers in batches of at "
+                    "most 80 entities a request; other entities one event each.",
+                    "requestBody": _body("ImportCreate"),
+                    "responses": _answers(201, _ref("Import"), 400, 413, 422),
                 },
             },
             "/v1/deliveries": {

@@ -34,6 +34,13 @@ class ErrorKind(StrEnum):
     SETTINGS = "invalid_settings"
 
 
+class Action(StrEnum):
+    """What an answer does to the subscription itself (the store's rules)."""
+
+    DEACTIVATE = "deactivate"
+    DELETE = "delete"
+
+
 class Verdict(StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -114,18 +121,27 @@ class DeliveryPolicy:
     success: SuccessRule = SuccessRule.ANY_2XX
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_on: RetryOn = field(default_factory=RetryOn)
+    # Statuses that deactivate the subscription, and a phrase in the body that deletes it.
+    deactivate_on: frozenset[int] = frozenset()
+    delete_on_body: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict
     next_at: float | None = None
+    action: Action | None = None
 
 
 def decide(policy: DeliveryPolicy, attempt: int, outcome: Outcome, created_at: float) -> Decision:
     """Decide after attempt number `attempt` (1-based) of an event created at `created_at`."""
-    if outcome.status is not None and policy.success.accepts(outcome.status):
+    delivered = outcome.status is not None and policy.success.accepts(outcome.status)
+    if policy.delete_on_body and policy.delete_on_body in outcome.body_excerpt.lower():
+        return Decision(Verdict.DELIVERED if delivered else Verdict.FAILED, action=Action.DELETE)
+    if delivered:
         return Decision(Verdict.DELIVERED)
+    if outcome.status in policy.deactivate_on:
+        return Decision(Verdict.FAILED, action=Action.DEACTIVATE)
     if not policy.retry_on.retries(outcome):
         return Decision(Verdict.FAILED)
     limit = policy.retry.attempts_limit()

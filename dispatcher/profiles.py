@@ -17,8 +17,10 @@ Adding a product is adding a bundle here, not a branch in the send loop.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from .envelope import ENVELOPES
@@ -26,6 +28,14 @@ from .policy import DeliveryPolicy, RetryOn, RetryPolicy, SuccessRule
 from .signing import SIGNERS
 
 DEFAULT_USER_AGENT = "webhook-dispatcher/0.1"
+
+
+class EmailOn(StrEnum):
+    """When the subscription's failure address is mailed."""
+
+    EVERY_FAILURE = "every_failure"  # each failed attempt, and once more when it gives up
+    FINAL = "final"  # when a delivery gives up
+    NEVER = "never"
 
 
 class SettingsError(ValueError):
@@ -51,6 +61,20 @@ class EndpointSettings:
     envelope: str
     signature: str
     max_in_flight: int | None
+    signature_header: str | None = None
+    email_on: EmailOn = EmailOn.FINAL
+    error_rate: ErrorRateLimit | None = None
+    verify_on_create: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRateLimit:
+    """Deactivate a subscription whose share of failed attempts over `window` seconds stays at
+    or above `threshold`, once it has at least `min_attempts` attempts there."""
+
+    threshold: float
+    min_attempts: int
+    window: float
 
 
 _DAY = 86_400.0
@@ -70,11 +94,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "signature": "standard",
     },
     # Tilby: exactly 200; at least 3 retries, 15 minutes apart.
+    # Mails the failure address on every failed retry (with the request body) and once more
+    # when the limit is reached; a new subscription must answer a SUBSCRIBED test with 200.
     "tilby": {
         "success": "exactly_200",
         "retry": {"delays": [900, 900, 900]},
         "envelope": "tilby",
         "signature": "tilby",
+        "signature_header": "X-Tilby-Signature",
+        "email_on": "every_failure",
+        "verify_on_create": True,
     },
     # Tillhub: 2xx after up to 20 redirects; 30 s x e^n, growth stops after 10; kept 7 days;
     # TLS errors are not retried. The guide says both "4xx retried" and "no automatic
@@ -89,27 +118,48 @@ PROFILES: dict[str, dict[str, Any]] = {
         "user_agent": "Tillhub HTTP Connector/2.1.0",
         "envelope": "tillhub",
         "signature": "tillhub",
+        # "A high error rate deactivates": 95 % of at least 50 attempts over a day.
+        "deactivate_on_error_rate": {"threshold": 0.95, "min_attempts": 50, "window": _DAY},
     },
-    # Tilia: anything below 400 is success; 400 and up is retried.
+    # Tilia: anything below 400 is success; 400 and up is retried, with the retry policy
+    # chosen per destination (a preset name or explicit settings).
     "tilia": {
         "success": "below_400",
-        "retry": {"initial": 60, "factor": 2, "growth_limit": 8, "max_attempts": 10},
+        "retry": "exponential",
         "envelope": "tilia",
         "signature": "none",
+        "email_on": "final",
     },
     # The store: exactly 200 within 5 s; 6 attempts, then 60..300 s after the previous one.
+    # Eight 4xx statuses deactivate the webhook; "please unsubscribe me" in a body deletes it.
     "store": {
         "success": "exactly_200",
         "retry": {"delays": [60, 120, 180, 240, 300], "max_attempts": 6},
         "timeout": 5,
         "envelope": "store",
         "signature": "none",
+        "deactivate_on": [400, 401, 403, 404, 405, 406, 410, 411],
+        "delete_on_body": "please unsubscribe me",
     },
+}
+
+# Named retry policies a subscription may pick with "retry": "<name>".
+RETRY_PRESETS: dict[str, dict[str, Any]] = {
+    "exponential": {"initial": 60, "factor": 2, "growth_limit": 8, "max_attempts": 10},
+    "linear": {"delays": [300], "max_attempts": 12},
+    "aggressive": {"initial": 5, "factor": 2, "growth_limit": 6, "max_attempts": 8},
+    "none": {"max_attempts": 1},
 }
 
 _RETRY_KEYS = {"delays", "initial", "factor", "growth_limit", "max_attempts", "max_age"}
 _RETRY_ON_KEYS = {f for f in RetryOn.__dataclass_fields__}
 SETTING_KEYS = {
+    "signature_header",
+    "email_on",
+    "deactivate_on",
+    "delete_on_body",
+    "deactivate_on_error_rate",
+    "verify_on_create",
     "success",
     "retry",
     "retry_on",
@@ -148,8 +198,10 @@ def resolve(
     return EndpointSettings(
         policy=DeliveryPolicy(
             success=_success(merged.get("success", "2xx")),
-            retry=_retry(_mapping(merged.get("retry", {}), "retry")),
+            retry=_retry(_retry_block(merged.get("retry", {}))),
             retry_on=_retry_on(merged["retry_on"]),
+            deactivate_on=_statuses(merged.get("deactivate_on", [])),
+            delete_on_body=_optional_text(merged, "delete_on_body"),
         ),
         timeout=_number(merged, "timeout", timeout, minimum=0.001, maximum=300),
         connect_timeout=_number(
@@ -168,6 +220,71 @@ def resolve(
             if merged.get("max_in_flight") is None
             else int(_number(merged, "max_in_flight", 1, minimum=1, maximum=10_000, integer=True))
         ),
+        signature_header=_header_name(merged),
+        email_on=_email_on(merged.get("email_on", "final")),
+        error_rate=_error_rate(merged.get("deactivate_on_error_rate")),
+        verify_on_create=_bool(merged, "verify_on_create", False),
+    )
+
+
+def _retry_block(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, str):
+        if value not in RETRY_PRESETS:
+            raise SettingsError("retry", f"unknown preset; one of {sorted(RETRY_PRESETS)}")
+        return RETRY_PRESETS[value]
+    return _mapping(value, "retry")
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) > 100
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value
+        )
+    ):
+        raise SettingsError("deactivate_on", "must be a list of HTTP status codes")
+    return frozenset(value)
+
+
+def _optional_text(block: Mapping[str, Any], key: str) -> str | None:
+    if block.get(key) is None:
+        return None
+    return _text(block, key, "").lower()
+
+
+def _header_name(block: Mapping[str, Any]) -> str | None:
+    value = block.get("signature_header")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,100}", value):
+        raise SettingsError("signature_header", "must be an HTTP header name")
+    return value
+
+
+def _email_on(value: Any) -> EmailOn:
+    try:
+        return EmailOn(value)
+    except ValueError:
+        raise SettingsError("email_on", f"must be one of {[e.value for e in EmailOn]}") from None
+
+
+def _error_rate(value: Any) -> ErrorRateLimit | None:
+    if value is None:
+        return None
+    block = _mapping(value, "deactivate_on_error_rate")
+    unknown = set(block) - {"threshold", "min_attempts", "window"}
+    if unknown:
+        raise SettingsError(f"deactivate_on_error_rate.{sorted(unknown)[0]}", "unknown setting")
+    where = "deactivate_on_error_rate."
+    return ErrorRateLimit(
+        threshold=_number(block, "threshold", 0.95, minimum=0.01, maximum=1, where=where),
+        min_attempts=int(
+            _number(
+                block, "min_attempts", 50, minimum=1, maximum=1_000_000, integer=True, where=where
+            )
+        ),
+        window=_number(block, "window", _DAY, minimum=60, maximum=30 * _DAY, where=where),
     )
 
 

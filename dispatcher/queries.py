@@ -90,6 +90,45 @@ SELECT (SELECT count(*) FROM finished) AS finished,
        (SELECT count(*) FROM rescheduled) AS rescheduled
 """
 
+# Failure mails for a batch of outcomes (see sql/0004_profiles.sql).
+QUEUE_EMAILS = """
+SELECT dispatcher.queue_emails($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[],
+                               $6::text[], $7::text[])
+"""
+
+# What a receiver's answer does to its subscription (the store's rules). Deactivation
+# pauses the subscription's queued deliveries (trigger subscriptions_pause); deletion drops
+# them (foreign key), while the history of finished ones stays.
+DEACTIVATE = """
+UPDATE dispatcher.subscriptions s
+SET active = false, deactivated_reason = a.reason, updated_at = now()
+FROM unnest($1::uuid[], $2::text[]) AS a(subscription_id, reason)
+WHERE s.id = a.subscription_id AND s.active
+"""
+
+DELETE_SUBSCRIPTIONS = "DELETE FROM dispatcher.subscriptions WHERE id = ANY($1::uuid[])"
+
+# Deactivate subscriptions whose failure share over their window stays at or above their
+# threshold ($1..$4: one entry per subscription with such a limit that failed lately).
+ERROR_RATE_DEACTIVATE = """
+UPDATE dispatcher.subscriptions s
+SET active = false, updated_at = now(),
+    deactivated_reason = format('error rate %s%% over %s attempts in %s s',
+                                round(r.rate * 100), r.attempts, t.window_s)
+FROM unnest($1::uuid[], $2::float8[], $3::int[], $4::float8[])
+     AS t(subscription_id, threshold, min_attempts, window_s)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS attempts,
+           avg((a.outcome <> 'delivered')::int) AS rate
+    FROM dispatcher.attempts a
+    WHERE a.subscription_id = t.subscription_id
+      AND a.started_at >= now() - make_interval(secs => t.window_s)
+) r
+WHERE s.id = t.subscription_id AND s.active
+  AND r.attempts >= t.min_attempts AND r.rate >= t.threshold
+RETURNING s.id, s.deactivated_reason
+"""
+
 # The earliest due time of work that is not paused: what the timer should wake for.
 NEXT_DUE = """
 SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused

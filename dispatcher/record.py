@@ -14,10 +14,20 @@ import structlog
 
 from . import queries
 from .metrics import Metrics
-from .policy import Decision, Outcome
+from .policy import Action, Decision, Outcome
 from .schedule import WakeTimer
 
 log = structlog.get_logger(__name__)
+
+# Errors that say the database is away or busy, not that the batch is wrong: retry it whole.
+_TRANSIENT = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.InsufficientResourcesError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +37,9 @@ class Result:
     attempt: int
     outcome: Outcome
     decision: Decision
+    # A failure mail to queue (a kind of dispatcher.emails) and the request body it quotes.
+    email: str | None = None
+    body: str | None = None
 
 
 class Recorder:
@@ -77,8 +90,15 @@ class Recorder:
             await self.flush()
 
     async def flush(self, *, give_up_after: float | None = None) -> None:
-        """Write what is pending; retries a failing database until it answers (or the deadline)."""
-        async with self._lock:
+        """Write what is pending; retries while the database is away (until the deadline)."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), give_up_after)
+        except TimeoutError:
+            batch, self._pending = self._pending, []
+            log.error("record.abandoned", results=len(batch), reason="a flush is stuck")
+            self._on_flushed(batch)
+            return
+        try:
             batch, self._pending = self._pending, []
             self._has_pending.clear()
             self._full.clear()
@@ -89,9 +109,9 @@ class Recorder:
             backoff = 0.1
             while True:
                 try:
-                    await asyncio.shield(self._write(batch))
+                    await asyncio.shield(self._write_isolating(batch))
                     break
-                except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                except _TRANSIENT as exc:
                     self._metrics.db_errors.labels("record").inc()
                     if deadline is not None and loop.time() + backoff > deadline:
                         # Their leases run out and the deliveries are sent again: at least once.
@@ -103,11 +123,72 @@ class Recorder:
                     )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+        finally:
+            self._lock.release()
         self._account(batch)
         self._on_flushed(batch)
 
+    async def _write_isolating(self, batch: list[Result]) -> None:
+        """Write the batch; a result the database refuses for good is set aside alone.
+
+        Halving the batch finds it in log2(n) writes; the others are written. The refused
+        one keeps its lease and is sent again when the lease ends (at least once).
+        """
+        try:
+            await self._write(batch)
+        except _TRANSIENT:
+            raise
+        except asyncpg.PostgresError as exc:
+            if len(batch) == 1:
+                self._metrics.db_errors.labels("record_refused").inc()
+                log.error("record.refused", delivery_id=batch[0].delivery_id, error=str(exc))
+                return
+            half = len(batch) // 2
+            await self._write_isolating(batch[:half])
+            await self._write_isolating(batch[half:])
+
     async def _write(self, batch: list[Result]) -> None:
-        await self._pool.fetchrow(
+        actions = [r for r in batch if r.decision.action is not None]
+        emails = [r for r in batch if r.email is not None]
+        if not actions and not emails:
+            # The common case: one statement, no transaction round trips.
+            await self._record(self._pool, batch)
+            return
+        # Rare: what an answer does to its subscription, and failure mails, commit with the
+        # outcomes or not at all.
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._record(conn, batch)
+            if emails:
+                await conn.execute(
+                    queries.QUEUE_EMAILS,
+                    [r.delivery_id for r in emails],
+                    [r.subscription_id for r in emails],
+                    [r.email for r in emails],
+                    [r.attempt for r in emails],
+                    [r.outcome.status for r in emails],
+                    [_error_text(r.outcome) for r in emails],
+                    [r.body for r in emails],
+                )
+            deactivate = [r for r in actions if r.decision.action is Action.DEACTIVATE]
+            if deactivate:
+                await conn.execute(
+                    queries.DEACTIVATE,
+                    [r.subscription_id for r in deactivate],
+                    [f"receiver answered {r.outcome.status}" for r in deactivate],
+                )
+            delete = [r.subscription_id for r in actions if r.decision.action is Action.DELETE]
+            if delete:
+                await conn.execute(queries.DELETE_SUBSCRIPTIONS, delete)
+        for r in actions:
+            log.warning(
+                "subscription."
+                + ("deleted" if r.decision.action is Action.DELETE else "deactivated"),
+                subscription_id=str(r.subscription_id),
+                status=r.outcome.status,
+            )
+
+    async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
+        await conn.fetchrow(
             queries.RECORD,
             [r.delivery_id for r in batch],
             [r.subscription_id for r in batch],

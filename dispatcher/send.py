@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
+from yarl import URL
 
-from .netguard import BlockedAddressError, GuardedResolver
+from .netguard import BlockedAddressError, GuardedResolver, URLRejectedError, check_url
 from .policy import ErrorKind, Outcome
 from .profiles import EndpointSettings
 
@@ -18,9 +19,14 @@ Clock = Callable[[], float]
 
 @asynccontextmanager
 async def client_session(
-    max_connections: int, allow_private: bool
+    max_connections: int, allow_private: bool, *, allow_http: bool
 ) -> AsyncIterator[aiohttp.ClientSession]:
-    """The one ClientSession of the daemon; its resolver refuses non-public addresses."""
+    """The one ClientSession of the daemon; its resolver refuses non-public addresses.
+
+    Redirect targets are checked like subscription URLs before they are followed: the
+    connector never consults the resolver for a literal IP, so without this check a
+    redirect to http://169.254.169.254/ would bypass the SSRF guard.
+    """
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
@@ -33,8 +39,31 @@ async def client_session(
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Content-Type"),
         raise_for_status=False,
+        trace_configs=[_redirect_guard(allow_http=allow_http, allow_private=allow_private)],
     ) as session:
         yield session
+
+
+def _redirect_guard(*, allow_http: bool, allow_private: bool) -> aiohttp.TraceConfig:
+    """A trace hook that refuses a redirect to a URL the configuration does not allow."""
+
+    async def on_redirect(
+        _session: aiohttp.ClientSession,
+        _ctx: object,
+        params: aiohttp.TraceRequestRedirectParams,
+    ) -> None:
+        location = params.response.headers.get("Location")
+        if location is None:
+            return  # aiohttp stops here and returns the 3xx itself
+        try:
+            target = params.url.join(URL(location))
+        except ValueError:
+            return  # aiohttp refuses a malformed Location itself
+        check_url(str(target), allow_http=allow_http, allow_private=allow_private)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(on_redirect)
+    return trace
 
 
 class Sender:
@@ -75,7 +104,7 @@ class Sender:
             duration=duration,
             status=status,
             error=error,
-            detail=detail[:500],
+            detail=_storable(detail[:500]),
             body_excerpt=excerpt,
         )
 
@@ -92,7 +121,13 @@ class Sender:
         if not response.content.at_eof():
             # An unread remainder would make aiohttp drain it to reuse the connection.
             response.close()
-        return b"".join(chunks).decode("utf-8", errors="replace")
+        return _storable(b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+def _storable(text: str) -> str:
+    """Postgres text cannot hold NUL: one in a receiver's answer would fail the whole
+    batch of outcomes it is written with, again at every retry of the write."""
+    return text.replace("\x00", "\ufffd")
 
 
 def classify(exc: BaseException) -> tuple[ErrorKind, str]:
@@ -100,6 +135,8 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str]:
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return ErrorKind.TIMEOUT, detail
+    if isinstance(exc, URLRejectedError):  # a redirect to a destination we may not send to
+        return ErrorKind.BLOCKED, f"redirect {exc}"
     if isinstance(exc, aiohttp.ClientSSLError):
         return ErrorKind.TLS, detail
     if isinstance(exc, aiohttp.ClientConnectorError):

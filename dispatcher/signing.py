@@ -6,9 +6,18 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from typing import Protocol
 
 Headers = dict[str, str]
+
+
+class Signer(Protocol):
+    """Headers for one request: active secrets, message id, body, send time in unix ms, and
+    the header name where the scheme lets the subscription choose it."""
+
+    def __call__(
+        self, secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
+    ) -> Headers: ...
 
 
 def new_secret() -> str:
@@ -30,7 +39,9 @@ def _hmac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
-def standard(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+def standard(
+    secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
+) -> Headers:
     """Standard Webhooks v1; one signature per active secret (rotation)."""
     ts = str(now_ms // 1000)
     signed = f"{msg_id}.{ts}.".encode() + body
@@ -40,7 +51,9 @@ def standard(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Head
     return {"webhook-id": msg_id, "webhook-timestamp": ts, "webhook-signature": sigs}
 
 
-def tillhub(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+def tillhub(
+    secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
+) -> Headers:
     """Tillhub-Signature: t=<unix ms>,v1=<base64 HMAC-SHA256 of "<t>.<body>">."""
     signed = f"{now_ms}.".encode() + body
     parts = [f"t={now_ms}"] + [
@@ -49,16 +62,22 @@ def tillhub(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Heade
     return {"Tillhub-Signature": ",".join(parts)}
 
 
-def tilby(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
-    """Hex HMAC-SHA256 of the body keyed by the shop's static token."""
-    return {"X-Tilby-Signature": hmac.new(secrets_[0].encode(), body, hashlib.sha256).hexdigest()}
+def tilby(
+    secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
+) -> Headers:
+    """Hex HMAC-SHA256 of the body keyed by the shop's static token, in the header the
+    subscription names (the docs name none; X-Tilby-Signature by default)."""
+    digest = hmac.new(secrets_[0].encode(), body, hashlib.sha256).hexdigest()
+    return {header or "X-Tilby-Signature": digest}
 
 
-def none(secrets_: list[str], msg_id: str, body: bytes, now_ms: int) -> Headers:
+def none(
+    secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
+) -> Headers:
     return {}
 
 
-SIGNERS: dict[str, Callable[[list[str], str, bytes, int], Headers]] = {
+SIGNERS: dict[str, Signer] = {
     "standard": standard,
     "tillhub": tillhub,
     "tilby": tilby,

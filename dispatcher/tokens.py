@@ -17,6 +17,8 @@ class Principal:
     """Who is calling: one environment, or (environment_id None) the bootstrap admin."""
 
     environment_id: str | None
+    # The token's id: Tilby's SUBSCRIBED test names it as client_id.
+    client_id: str = "admin"
 
     @property
     def is_admin(self) -> bool:
@@ -49,7 +51,7 @@ async def authenticate(pool: asyncpg.Pool, token: str, admin_token: str) -> Prin
         return Principal(None)
     if not token.startswith(PREFIX):
         return None
-    environment = await pool.fetchval(
-        "SELECT environment_id FROM dispatcher.tokens WHERE token_hash = $1", _hash(token)
+    row = await pool.fetchrow(
+        "SELECT id, environment_id FROM dispatcher.tokens WHERE token_hash = $1", _hash(token)
     )
-    return None if environment is None else Principal(environment)
+    return None if row is None else Principal(row["environment_id"], str(row["id"]))

@@ -28,7 +28,7 @@ from .envelope import Message, render
 from .metrics import Metrics
 from .netguard import URLRejectedError, check_url
 from .policy import Decision, ErrorKind, Outcome, Verdict, decide
-from .profiles import EndpointSettings, SettingsError, resolve
+from .profiles import EmailOn, EndpointSettings, ErrorRateLimit, SettingsError, resolve
 from .record import Recorder, Result
 from .schedule import WakeTimer
 from .send import Sender
@@ -56,6 +56,16 @@ class Job:
     secret: str
     endpoint: EndpointSettings | SettingsError
     auth_headers: dict[str, str]
+
+
+def failure_email(email_on: EmailOn, verdict: Verdict) -> str | None:
+    """Which failure mail an attempt queues: one per failed attempt for EVERY_FAILURE, and
+    a last one when the delivery gives up (the kinds of dispatcher.emails)."""
+    if verdict is Verdict.DELIVERED or email_on is EmailOn.NEVER:
+        return None
+    if verdict is Verdict.RETRY:
+        return "attempt_failed" if email_on is EmailOn.EVERY_FAILURE else None
+    return "gave_up"
 
 
 def auth_headers(auth: dict[str, Any]) -> dict[str, str]:
@@ -116,6 +126,8 @@ class Worker:
         self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
         self._next_maintenance = 0.0
+        # Subscriptions with an error-rate limit that failed since the last poll.
+        self._error_limits: dict[UUID, ErrorRateLimit] = {}
         metrics.in_flight.set_function(lambda: self._in_flight)
 
     @property
@@ -312,16 +324,27 @@ class Worker:
             self._wake.set()
 
     async def _deliver(self, job: Job) -> None:
-        outcome = await self._attempt(job)
-        if isinstance(job.endpoint, SettingsError):
+        outcome, body = await self._attempt(job)
+        endpoint = job.endpoint
+        if isinstance(endpoint, SettingsError):
             decision = Decision(Verdict.FAILED)
+            email = None
         else:
             decision = decide(
-                job.endpoint.policy, job.attempt, outcome, job.message.created_at.timestamp()
+                endpoint.policy, job.attempt, outcome, job.message.created_at.timestamp()
             )
+            email = failure_email(endpoint.email_on, decision.verdict)
+            if endpoint.error_rate is not None and decision.verdict is not Verdict.DELIVERED:
+                self._error_limits[job.message.subscription_id] = endpoint.error_rate
         self.recorder.add(
             Result(
-                job.message.delivery_id, job.message.subscription_id, job.attempt, outcome, decision
+                job.message.delivery_id,
+                job.message.subscription_id,
+                job.attempt,
+                outcome,
+                decision,
+                email=email,
+                body=body.decode(errors="replace") if email and body is not None else None,
             )
         )
         log.debug(
@@ -332,10 +355,11 @@ class Worker:
             verdict=decision.verdict.value,
         )
 
-    async def _attempt(self, job: Job) -> Outcome:
+    async def _attempt(self, job: Job) -> tuple[Outcome, bytes | None]:
+        """The attempt's outcome and the body it sent (None when nothing was sent)."""
         endpoint = job.endpoint
         if isinstance(endpoint, SettingsError):
-            return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint))
+            return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint)), None
         try:
             check_url(
                 job.url,
@@ -343,7 +367,7 @@ class Worker:
                 allow_private=self._security.allow_private_networks,
             )
         except URLRejectedError as exc:
-            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc))
+            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc)), None
         sent_ns = time.time_ns()
         body = render(endpoint.envelope, job.message, sent_ns)
         headers = {
@@ -353,10 +377,14 @@ class Worker:
         }
         headers.update(
             SIGNERS[endpoint.signature](
-                [job.secret], f"msg_{job.message.delivery_id}", body, sent_ns // 1_000_000
+                [job.secret],
+                f"msg_{job.message.delivery_id}",
+                body,
+                sent_ns // 1_000_000,
+                endpoint.signature_header,
             )
         )
-        return await self._sender.post(job.url, body, headers, endpoint)
+        return await self._sender.post(job.url, body, headers, endpoint), body
 
     async def _poll(self) -> None:
         """The slow safety net: work other instances scheduled, gauges, partitions."""
@@ -369,10 +397,35 @@ class Worker:
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             log.warning("poll.failed", error=str(exc))
+        if self._error_limits:
+            await self._deactivate_failing()
         mono = asyncio.get_running_loop().time()
         if mono >= self._next_maintenance:
             self._next_maintenance = mono + 3600
             await self._maintain()
+
+    async def _deactivate_failing(self) -> None:
+        """Deactivate subscriptions whose error rate stays above their limit; their queued
+        deliveries wait (paused) for a reactivation."""
+        limits, self._error_limits = self._error_limits, {}
+        try:
+            rows = await self._pool.fetch(
+                queries.ERROR_RATE_DEACTIVATE,
+                list(limits),
+                [lim.threshold for lim in limits.values()],
+                [lim.min_attempts for lim in limits.values()],
+                [lim.window for lim in limits.values()],
+            )
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("error_rate").inc()
+            log.warning("error_rate.failed", error=str(exc))
+            return
+        for row in rows:
+            log.warning(
+                "subscription.deactivated",
+                subscription_id=str(row["id"]),
+                reason=row["deactivated_reason"],
+            )
 
     async def _maintain(self) -> None:
         """Hourly: partitions for the next days, retention for the old ones."""

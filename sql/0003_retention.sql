@@ -20,10 +20,9 @@
 -- delivery lives in the same day's partition as its event (both keyed by the publish time).
 --
 -- Dropping a partition takes an ACCESS EXCLUSIVE lock on its parent until the transaction
--- ends: call this in a transaction of its own. Waiting for that lock behind a long query
--- would queue every publisher behind it, so when the caller set no lock_timeout this sets
--- one (5 s) for its transaction, and a table it cannot lock keeps its partitions until the
--- next run instead of failing the call.
+-- ends: call this in a transaction of its own. The locks are taken only when a partition is
+-- old enough to go, all at once and without waiting; when a table is busy, its partitions
+-- stay until the next run instead of queueing publishers or risking a deadlock.
 
 CREATE FUNCTION dispatcher.drop_partitions(keep_days integer)
 RETURNS integer LANGUAGE plpgsql AS $$
@@ -33,13 +32,13 @@ DECLARE
     parent text;
     part record;
     upper_bound timestamptz;
-    done_locked boolean := false;
     dropped integer := 0;
 BEGIN
     IF keep_days IS NULL OR keep_days < 1 THEN
         RAISE EXCEPTION 'keep_days must be at least 1, not %', keep_days;
     END IF;
     cutoff := now() - make_interval(days => keep_days);
+    -- The row deletes below wait for ordinary row locks only; bound that wait.
     IF current_setting('lock_timeout') IN ('0', '0ms', '0s') THEN
         PERFORM set_config('lock_timeout', '5s', true);
     END IF;
@@ -55,22 +54,36 @@ BEGIN
     -- keep_days publishes again.
     DELETE FROM dispatcher.idempotency_keys WHERE created_at < cutoff;
 
+    -- Nothing old enough to drop (most runs): take no table lock at all.
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        JOIN pg_class p ON p.oid = i.inhparent
+        JOIN pg_namespace n ON n.oid = p.relnamespace
+        WHERE n.nspname = 'dispatcher'
+          AND p.relname IN ('deliveries_done', 'attempts', 'events')
+          AND c.relname ~ '_[0-9]{8}$'
+          AND substring(pg_get_expr(c.relpartbound, c.oid)
+                        FROM $re$TO \('([^']+)'\)$re$)::timestamptz <= cutoff
+    ) THEN
+        RETURN 0;
+    END IF;
+
+    -- DROP of a partition locks its parent ACCESS EXCLUSIVE until the transaction ends.
+    -- Take all three at once, without waiting (NOWAIT): a publisher holds events and then
+    -- reads deliveries_done, so waiting here could deadlock with it, and the deadlock
+    -- detector might pick the publisher. When any is busy, the next run tries again.
+    BEGIN
+        LOCK TABLE dispatcher.deliveries_done, dispatcher.attempts, dispatcher.events
+            IN ACCESS EXCLUSIVE MODE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE NOTICE 'keeping old partitions for now: the tables are busy';
+        RETURN 0;
+    END;
+
     -- The order matters: deliveries_done before events.
     FOREACH parent IN ARRAY ARRAY['deliveries_done', 'attempts', 'events'] LOOP
-        IF parent = 'events' AND NOT done_locked THEN
-            RAISE NOTICE 'keeping old events partitions for now: deliveries_done was busy';
-            CONTINUE;
-        END IF;
-        -- DROP of a partition locks its parent ACCESS EXCLUSIVE until the transaction ends;
-        -- taking that lock before the partition's (readers lock the parent, then its
-        -- partitions) avoids a deadlock with them.
-        BEGIN
-            EXECUTE format('LOCK TABLE dispatcher.%I IN ACCESS EXCLUSIVE MODE', parent);
-        EXCEPTION WHEN lock_not_available THEN
-            RAISE NOTICE 'keeping old % partitions for now: could not lock the table', parent;
-            CONTINUE;
-        END;
-        done_locked := done_locked OR parent = 'deliveries_done';
         IF parent = 'events' THEN
             SELECT min(event_created_at) INTO live_floor FROM dispatcher.deliveries;
         ELSE

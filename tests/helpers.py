@@ -10,6 +10,7 @@ import hmac
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -277,4 +278,63 @@ async def poll_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+# -- hostile receivers and faults -------------------------------------------------------
+
+
+class TLSReceiver(Receiver):
+    """A Receiver served over HTTPS with `server_context` (e.g. a certificate nobody trusts)."""
+
+    def __init__(self, server_context: ssl.SSLContext) -> None:
+        super().__init__()
+        self._server_context = server_context
+
+    async def __aenter__(self) -> TLSReceiver:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._server_context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    def url(self, path: str = "/hook") -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+
+def owner_of(proc: DaemonProcess) -> UUID:
+    """The lease owner a daemon process announced in its `dispatcher.started` log line."""
+    for line in proc.output().splitlines():
+        if '"dispatcher.started"' in line:
+            return UUID(orjson.loads(line)["owner"])
+    raise AssertionError(f"no dispatcher.started line:\n{proc.output()}")
+
+
+async def http_status(url: str) -> int | None:
+    """The status of a GET, or None when nothing answers."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            return r.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def attempts_of(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await db.fetch(
+        "SELECT attempt, status_code, error, outcome, duration_ms, response_excerpt "
+        "FROM dispatcher.attempts ORDER BY delivery_id, attempt"
+    )
+    return rows
+
+
+async def wait_done(db: asyncpg.Connection, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await db.fetchval("SELECT count(*) FROM dispatcher.deliveries_done") < count:
+        assert time.monotonic() < deadline, "deliveries did not finish in time"
         await asyncio.sleep(0.02)

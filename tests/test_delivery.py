@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -18,28 +17,15 @@ from .helpers import (
     HANG,
     SECRET,
     Receiver,
+    attempts_of,
     daemon,
     poll_until,
     publish,
     settings_for,
     subscribe,
     verify_standard,
+    wait_done,
 )
-
-
-async def attempts_of(db: asyncpg.Connection) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await db.fetch(
-        "SELECT attempt, status_code, error, outcome, duration_ms, response_excerpt "
-        "FROM dispatcher.attempts ORDER BY delivery_id, attempt"
-    )
-    return rows
-
-
-async def wait_done(db: asyncpg.Connection, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await db.fetchval("SELECT count(*) FROM dispatcher.deliveries_done") < count:
-        assert time.monotonic() < deadline, "deliveries did not finish in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_delivers_a_signed_standard_webhook_and_records_it(
