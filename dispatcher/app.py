@@ -7,7 +7,6 @@ order of closing. Signals only set the stop event.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from .embedded import EmbeddedPostgres, default_data_dir
 from .listen import Listener
 from .mailer import Mailer
 from .metrics import Metrics
+from .schedule import Clock
 from .send import Sender, client_session
 from .worker import Worker
 
@@ -96,10 +96,11 @@ async def serve(
     settings: Settings,
     stop: asyncio.Event,
     *,
-    clock: Callable[[], float] = time.time,
+    clock: Clock | None = None,
     on_ready: Callable[[Running], None] | None = None,
 ) -> None:
     """Run the daemon until `stop` is set, or until one of its tasks dies."""
+    clock = clock or Clock()
     async with AsyncExitStack() as stack:
         dsn = await open_database(stack, settings)
         await apply_migrations(dsn)
@@ -180,7 +181,7 @@ async def serve(
 
 @asynccontextmanager
 async def started(
-    settings: Settings, *, clock: Callable[[], float] = time.time
+    settings: Settings, *, clock: Clock | None = None
 ) -> AsyncIterator[Running]:
     """Run the daemon in this event loop for the duration of the block (bench, tests)."""
     stop = asyncio.Event()

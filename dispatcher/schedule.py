@@ -3,6 +3,29 @@
 from __future__ import annotations
 
 import heapq
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Unix time as the scheduler sees it.
+
+    Production uses Clock(): the wall clock. Tests run it `rate` times faster (and may start
+    it `offset` seconds ahead), so the real loop fires a schedule of minutes or days within
+    seconds; every retry time, claim and lease is in this clock, sleeps are converted back.
+    """
+
+    rate: float = 1.0
+    offset: float = 0.0
+    origin: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        now = time.time()
+        return now + self.offset + (now - self.origin) * (self.rate - 1.0)
+
+    def real_seconds(self, seconds: float) -> float:
+        return seconds / self.rate
 
 
 class WakeTimer:

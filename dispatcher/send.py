@@ -15,6 +15,7 @@ from .policy import ErrorKind, Outcome
 from .profiles import EndpointSettings
 
 Clock = Callable[[], float]
+_NO_CEILING = 1e9
 
 
 @asynccontextmanager
@@ -86,8 +87,12 @@ class Sender:
                 url,
                 data=body,
                 headers=headers,
+                # aiohttp rounds timeouts of 5 s and more up to the next whole second;
+                # "an answer slower than 5 s fails" must mean 5 s.
                 timeout=aiohttp.ClientTimeout(
-                    total=endpoint.timeout, connect=endpoint.connect_timeout
+                    total=endpoint.timeout,
+                    connect=endpoint.connect_timeout,
+                    ceil_threshold=_NO_CEILING,
                 ),
                 allow_redirects=endpoint.follow_redirects,
                 max_redirects=endpoint.max_redirects,

@@ -54,10 +54,11 @@ def standard(
 def tillhub(
     secrets_: list[str], msg_id: str, body: bytes, now_ms: int, header: str | None = None
 ) -> Headers:
-    """Tillhub-Signature: t=<unix ms>,v1=<base64 HMAC-SHA256 of "<t>.<body>">."""
+    """Tillhub-Signature: t=<unix ms>,v1=<base64 HMAC-SHA256 of "<t>.<body>">, keyed by the
+    signing secret as the receiver holds it (its UTF-8 bytes)."""
     signed = f"{now_ms}.".encode() + body
     parts = [f"t={now_ms}"] + [
-        "v1=" + base64.b64encode(_hmac(secret_key(s), signed)).decode() for s in secrets_
+        "v1=" + base64.b64encode(_hmac(s.encode(), signed)).decode() for s in secrets_
     ]
     return {"Tillhub-Signature": ",".join(parts)}
 

@@ -12,7 +12,6 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,13 +29,12 @@ from .netguard import URLRejectedError, check_url
 from .policy import Decision, ErrorKind, Outcome, Verdict, decide
 from .profiles import EmailOn, EndpointSettings, ErrorRateLimit, SettingsError, resolve
 from .record import Recorder, Result
-from .schedule import WakeTimer
+from .schedule import Clock, WakeTimer
 from .send import Sender
 from .signing import SIGNERS
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], float]
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
@@ -90,7 +88,7 @@ class Worker:
         security: SecuritySettings,
         metrics: Metrics,
         *,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         owner: UUID | None = None,
         retention_days: int = 14,
     ) -> None:
@@ -102,7 +100,7 @@ class Worker:
         self._settings = settings
         self._security = security
         self._metrics = metrics
-        self._clock = clock
+        self._clock = clock or Clock()
         # Claims and flushes wait to gather a batch, but never for more than a quarter of the
         # slots: with few slots, waiting for a full batch would idle them.
         self._batch = max(1, min(settings.claim_batch, settings.max_in_flight // 4))
@@ -193,7 +191,7 @@ class Worker:
             delays.append(self._next_claim - mono)
         at = self.timer.next_at()
         if at is not None:
-            delays.append(at - self._clock())
+            delays.append(self._clock.real_seconds(at - self._clock()))
         timeout = max(min(delays), 0.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)

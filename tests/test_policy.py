@@ -7,6 +7,7 @@ import math
 import pytest
 
 from dispatcher.policy import (
+    Action,
     Decision,
     DeliveryPolicy,
     ErrorKind,
@@ -119,3 +120,32 @@ def test_which_failures_are_retried(retry_on: RetryOn, outcome: Outcome, verdict
 def test_exactly_200_retries_a_201() -> None:
     policy = DeliveryPolicy(success=SuccessRule.EXACTLY_200)
     assert decide(policy, 1, status(201), T0).verdict is Verdict.RETRY
+
+
+STORE = DeliveryPolicy(
+    success=SuccessRule.EXACTLY_200,
+    retry=RetryPolicy(delays=(60, 120, 180, 240, 300), max_attempts=6),
+    deactivate_on=frozenset({400, 401, 403, 404, 405, 406, 410, 411}),
+    delete_on_body="please unsubscribe me",
+)
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 405, 406, 410, 411])
+def test_store_statuses_deactivate_without_retry(code: int) -> None:
+    assert decide(STORE, 1, status(code), T0) == Decision(Verdict.FAILED, action=Action.DEACTIVATE)
+
+
+@pytest.mark.parametrize("code", [402, 409, 429, 500])
+def test_other_failures_are_retried_without_action(code: int) -> None:
+    decision = decide(STORE, 1, status(code), T0)
+    assert decision.verdict is Verdict.RETRY
+    assert decision.action is None
+
+
+def test_please_unsubscribe_me_deletes_whatever_the_status() -> None:
+    asked = Outcome(
+        started_at=T0, duration=0.0, status=200, body_excerpt="OK. PLEASE unsubscribe me"
+    )
+    assert decide(STORE, 1, asked, T0) == Decision(Verdict.DELIVERED, action=Action.DELETE)
+    angry = Outcome(started_at=T0, duration=0.0, status=410, body_excerpt="please unsubscribe me")
+    assert decide(STORE, 2, angry, T0) == Decision(Verdict.FAILED, action=Action.DELETE)
