@@ -466,6 +466,38 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
+ROTATE = """
+UPDATE dispatcher.subscriptions
+SET previous_secret = secret, secret = $3,
+    previous_secret_expires_at = now() + make_interval(secs => $4), updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+RETURNING *
+"""
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    """A new signing secret; the old one keeps signing alongside for `grace_seconds`."""
+    data = await body(request)
+    unknown = set(data) - {"secret", "grace_seconds"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "unknown field")
+    secret = data.get("secret")
+    if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 200):
+        raise invalid("secret", "must be a string of 16 to 200 characters")
+    grace = data.get("grace_seconds", 86_400)
+    if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= 30 * 86_400:
+        raise invalid("grace_seconds", "must be an integer from 0 to 2592000")
+    new = secret or new_secret()
+    row = await state(request).pool.fetchrow(
+        ROTATE, path_uuid(request), scope(request), new, float(grace)
+    )
+    if row is None:
+        raise not_found("subscription")
+    out = public(row, secret=new)
+    out["previous_secret_expires_at"] = row["previous_secret_expires_at"]
+    return json_response(out)
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/subscriptions", create),
@@ -476,4 +508,5 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/subscriptions/{id}/activate", activate),
         web.post("/v1/subscriptions/{id}/deactivate", deactivate),
         web.get("/v1/subscriptions/{id}/stats", stats),
+        web.post("/v1/subscriptions/{id}/rotate-secret", rotate_secret),
     ]

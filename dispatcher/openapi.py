@@ -355,6 +355,24 @@ COMPONENTS: dict[str, Schema] = {
         "required": ["events", "entities"],
         "properties": {"events": {"type": "integer"}, "entities": {"type": "integer"}},
     },
+    "RotateSecret": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "secret": {"type": "string", "minLength": 16, "maxLength": 200},
+            "grace_seconds": {"type": "integer", "minimum": 0, "maximum": 2_592_000},
+        },
+    },
+    "RotatedSubscription": {
+        "allOf": [
+            SUBSCRIPTION,
+            {
+                "type": "object",
+                "required": ["secret", "previous_secret_expires_at"],
+                "properties": {"previous_secret_expires_at": TIME},
+            },
+        ]
+    },
     "Delivery": DELIVERY,
     "DeliveryDetail": {
         "allOf": [
@@ -498,6 +516,16 @@ def document() -> Schema:
                 "post": {
                     "operationId": "deactivateSubscription",
                     "responses": _answers(200, sub, 404),
+                },
+            },
+            "/v1/subscriptions/{id}/rotate-secret": {
+                "parameters": [ID_PATH],
+                "post": {
+                    "operationId": "rotateSecret",
+                    "description": "A new signing secret (shown once); the previous one "
+                    "keeps signing next to it for grace_seconds (default one day).",
+                    "requestBody": _body("RotateSecret"),
+                    "responses": _answers(200, _ref("RotatedSubscription"), 400, 404, 413, 422),
                 },
             },
             "/v1/subscriptions/{id}/stats": {

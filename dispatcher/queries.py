@@ -39,7 +39,9 @@ WHERE d.id = due.id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
           s.url, s.secret, s.profile, s.settings::text AS settings, s.auth::text AS auth,
-          s.updated_at
+          s.updated_at,
+          CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret END
+              AS previous_secret
 """
 
 # Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once).

@@ -51,7 +51,8 @@ class Job:
     message: Message
     attempt: int
     url: str
-    secret: str
+    # The current signing secret first; during a rotation the previous one still signs too.
+    secrets: list[str]
     endpoint: EndpointSettings | SettingsError
     auth_headers: dict[str, str]
 
@@ -284,7 +285,8 @@ class Worker:
             ),
             attempt=row["attempts"] + 1,
             url=row["url"],
-            secret=row["secret"],
+            secrets=[row["secret"]]
+            + ([row["previous_secret"]] if row["previous_secret"] else []),
             endpoint=endpoint.settings,
             auth_headers=endpoint.auth_headers,
         )
@@ -375,7 +377,7 @@ class Worker:
         }
         headers.update(
             SIGNERS[endpoint.signature](
-                [job.secret],
+                job.secrets,
                 f"msg_{job.message.delivery_id}",
                 body,
                 sent_ns // 1_000_000,

@@ -17,7 +17,7 @@ from dispatcher import tokens
 from dispatcher.config import AdminSettings, SecuritySettings
 
 from .api_client import Client
-from .helpers import Receiver, daemon, settings_for
+from .helpers import Receiver, daemon, settings_for, verify_standard
 
 ADMIN_TOKEN = "admin-token-for-the-tests-0123456789"
 
@@ -157,6 +157,7 @@ async def test_tenants_are_isolated_on_every_route(api: Api) -> None:
             ("POST", f"/v1/subscriptions/{sid}/activate", {}),
             ("POST", f"/v1/subscriptions/{sid}/deactivate", {}),
             ("GET", f"/v1/subscriptions/{sid}/stats", None),
+            ("POST", f"/v1/subscriptions/{sid}/rotate-secret", {}),
             ("GET", f"/v1/deliveries/{delivery['id']}", None),
             ("POST", f"/v1/deliveries/{delivery['id']}/resend", {}),
             ("GET", f"/v1/resend-jobs/{job['id']}", None),
@@ -441,6 +442,7 @@ async def test_openapi_describes_every_route(api: Api) -> None:
         ("POST", "/v1/subscriptions/{id}/activate"),
         ("POST", "/v1/subscriptions/{id}/deactivate"),
         ("GET", "/v1/subscriptions/{id}/stats"),
+        ("POST", "/v1/subscriptions/{id}/rotate-secret"),
         ("POST", "/v1/events"),
         ("POST", "/v1/events/import"),
         ("GET", "/v1/deliveries"),
@@ -456,3 +458,40 @@ async def test_openapi_describes_every_route(api: Api) -> None:
         (m.upper(), p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"
     }
     assert documented == app_routes
+
+
+async def test_secret_rotation_signs_with_both_secrets_until_the_old_one_expires(api: Api) -> None:
+    created = (await api.a.post("/v1/subscriptions", hook(api))).body
+    old = created["secret"]
+    rotated = await api.a.post(
+        f"/v1/subscriptions/{created['id']}/rotate-secret",
+        {"grace_seconds": 3600},
+        "RotatedSubscription",
+    )
+    assert rotated.status == 200
+    new = rotated.body["secret"]
+    assert new != old
+    assert new.startswith("whsec_")
+    await api.a.post("/v1/events", {"event_name": "products.create.v0", "payload": {}})
+    await api.receiver.wait_for(1)
+    [during] = api.receiver.requests
+    assert len(during.headers["webhook-signature"].split()) == 2
+    assert verify_standard(old, during.headers, during.body)
+    assert verify_standard(new, during.headers, during.body)
+
+    await api.db.execute(
+        "UPDATE dispatcher.subscriptions SET previous_secret_expires_at = now() - interval '1s'"
+    )
+    # The daemon caches settings by subscription version; the update above did not bump it.
+    await api.a.patch(f"/v1/subscriptions/{created['id']}", {"name": "after expiry"})
+    await api.a.post("/v1/events", {"event_name": "products.create.v0", "payload": {}})
+    await api.receiver.wait_for(2)
+    after = api.receiver.requests[1]
+    assert len(after.headers["webhook-signature"].split()) == 1
+    assert verify_standard(new, after.headers, after.body)
+    assert not verify_standard(old, after.headers, after.body)
+    bad = await api.a.post(
+        f"/v1/subscriptions/{created['id']}/rotate-secret", {"grace_seconds": -1}
+    )
+    assert bad.status == 422
+    assert bad.body["error"]["field"] == "grace_seconds"
