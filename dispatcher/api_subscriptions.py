@@ -31,8 +31,7 @@ from .api import (
 from .envelope import iso_millis
 from .netguard import URLRejectedError, check_url
 from .profiles import PROFILES, SETTING_KEYS, SettingsError, resolve
-from .signing import SIGNERS, new_secret
-from .worker import auth_headers
+from .signing import SIGNERS, auth_headers, new_secret
 
 EVENT_PATTERN = re.compile(r"^(\*|[a-z0-9_-]+\.\*|[a-z0-9_-]+\.[a-z0-9_-]+\.(\*|v[0-9]+))$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")

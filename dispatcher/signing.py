@@ -1,4 +1,4 @@
-"""Signature schemes: the headers that let a receiver check a body came from us. Pure."""
+"""Headers that prove a request is ours: signature schemes and the receiver's own auth. Pure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Protocol
+from typing import Any, Protocol
 
 Headers = dict[str, str]
 
@@ -84,3 +84,16 @@ SIGNERS: dict[str, Signer] = {
     "tilby": tilby,
     "none": none,
 }
+
+
+def auth_headers(auth: dict[str, Any]) -> dict[str, str]:
+    """The request headers for a subscription's receiver auth (see sql/0002_admin.sql)."""
+    kind = auth.get("type", "none")
+    if kind == "basic":
+        pair = f"{auth['username']}:{auth['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+    if kind == "bearer":
+        return {"Authorization": f"Bearer {auth['token']}"}
+    if kind == "header":
+        return {str(auth["name"]): str(auth["value"])}
+    return {}

@@ -7,7 +7,6 @@ a freed send slot while a backlog waits, the safety poll, or stop. It never busy
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
 import uuid
@@ -31,7 +30,7 @@ from .profiles import EmailOn, EndpointSettings, ErrorRateLimit, SettingsError, 
 from .record import Recorder, Result
 from .schedule import Clock, WakeTimer
 from .send import Sender
-from .signing import SIGNERS
+from .signing import SIGNERS, auth_headers
 
 log = structlog.get_logger(__name__)
 
@@ -65,19 +64,6 @@ def failure_email(email_on: EmailOn, verdict: Verdict) -> str | None:
     if verdict is Verdict.RETRY:
         return "attempt_failed" if email_on is EmailOn.EVERY_FAILURE else None
     return "gave_up"
-
-
-def auth_headers(auth: dict[str, Any]) -> dict[str, str]:
-    """The request headers for a subscription's receiver auth (see sql/0002_admin.sql)."""
-    kind = auth.get("type", "none")
-    if kind == "basic":
-        pair = f"{auth['username']}:{auth['password']}".encode()
-        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
-    if kind == "bearer":
-        return {"Authorization": f"Bearer {auth['token']}"}
-    if kind == "header":
-        return {str(auth["name"]): str(auth["value"])}
-    return {}
 
 
 class Worker:
@@ -285,8 +271,7 @@ class Worker:
             ),
             attempt=row["attempts"] + 1,
             url=row["url"],
-            secrets=[row["secret"]]
-            + ([row["previous_secret"]] if row["previous_secret"] else []),
+            secrets=[row["secret"]] + ([row["previous_secret"]] if row["previous_secret"] else []),
             endpoint=endpoint.settings,
             auth_headers=endpoint.auth_headers,
         )

@@ -20,12 +20,14 @@ from dispatcher import tokens
 from .helpers import DaemonProcess, Receiver, subscribe
 
 ADMIN_TOKEN = "admin-token-for-the-fuzz-run-0123456789"
-CHECKS = ",".join([
-    "not_a_server_error",
-    "status_code_conformance",
-    "content_type_conformance",
-    "response_schema_conformance",
-])
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+    ]
+)
 
 
 @pytest.mark.timeout(300)
@@ -41,15 +43,26 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
         base = f"http://127.0.0.1:{daemon.port}"
         for who in (token, ADMIN_TOKEN):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
-                "--header", f"Authorization: Bearer {who}",
-                "--checks", CHECKS,
-                "--max-examples", "15",
-                "--seed", "20261125",
-                "--phases", "examples,coverage,fuzzing",
-                "--request-timeout", "10",
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{base}/openapi.json",
+                "--header",
+                f"Authorization: Bearer {who}",
+                "--checks",
+                CHECKS,
+                "--max-examples",
+                "15",
+                "--seed",
+                "20261125",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--request-timeout",
+                "10",
                 "--no-color",
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
                 cwd=tmp_path,
             )
@@ -57,4 +70,8 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
             text = output.decode(errors="replace")
             assert proc.returncode == 0, text[-6000:] + "\n-- daemon --\n" + daemon.output()[-4000:]
         log = daemon.output()
-        assert "Traceback" not in log, log[log.index("Traceback") - 300:][:3000]
+        assert "Traceback" not in log, log[log.index("Traceback") - 300 :][:3000]
+        # Tokens and signing secrets never reach the log.
+        secret = await db.fetchval("SELECT secret FROM dispatcher.subscriptions LIMIT 1")
+        for sensitive in (token, ADMIN_TOKEN, secret):
+            assert sensitive not in log

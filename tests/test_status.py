@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from uuid import UUID
 
 import asyncpg
@@ -171,3 +174,32 @@ def test_duration_reads_like_a_person_would_say_it() -> None:
         "2h 05m",
         "3d 04h",
     ]
+
+
+async def test_dispatcher_status_prints_the_queue_from_the_command_line(
+    database: str, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret) "
+        "VALUES ('env-1', 'https://partner.example/h', '{*}', 'x')"
+    )
+    await db.execute("SELECT dispatcher.publish('env-1', 'products.create.v0', '{}')")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "status",
+        env={
+            **os.environ,
+            "DISPATCHER_DATABASE_URL": database,
+            "DISPATCHER_CONFIG": os.devnull,
+            "DISPATCHER_LOG_FORMAT": "json",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert "queue" in text.lower()
+    assert "1" in text
