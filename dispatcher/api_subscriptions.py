@@ -310,16 +310,14 @@ def _taken() -> ApiError:
     )
 
 
-async def create(request: web.Request) -> web.Response:
-    data = await body(request)
-    environment = environment_for(request, data.get("environment_id"))
-    fields = _validated(request, data)
-    secret = fields["secret"] or new_secret()
-    await _verify(request, environment, fields, secret)
+async def _store(
+    request: web.Request, query: str, key: object, fields: dict[str, Any], secret: str
+) -> asyncpg.Record:
+    """INSERT (keyed by environment) or UPDATE (keyed by id): the same columns in order."""
     try:
-        row = await state(request).pool.fetchrow(
-            INSERT,
-            environment,
+        row: asyncpg.Record = await state(request).pool.fetchrow(
+            query,
+            key,
             fields["url"],
             fields["events"],
             fields["profile"],
@@ -333,6 +331,16 @@ async def create(request: web.Request) -> web.Response:
         )
     except asyncpg.UniqueViolationError:
         raise _taken() from None
+    return row
+
+
+async def create(request: web.Request) -> web.Response:
+    data = await body(request)
+    environment = environment_for(request, data.get("environment_id"))
+    fields = _validated(request, data)
+    secret = fields["secret"] or new_secret()
+    await _verify(request, environment, fields, secret)
+    row = await _store(request, INSERT, environment, fields, secret)
     return json_response(public(row, secret=secret), 201)
 
 
@@ -394,23 +402,9 @@ async def update(request: web.Request) -> web.Response:
         raise invalid("auth.type", "required")
     merged.update(data)
     fields = _validated(request, merged)
-    try:
-        row = await state(request).pool.fetchrow(
-            UPDATE,
-            current["id"],
-            fields["url"],
-            fields["events"],
-            fields["profile"],
-            orjson.dumps(fields["settings"]).decode(),
-            fields["secret"] or current["secret"],
-            fields["name"],
-            fields["description"],
-            fields["active"],
-            orjson.dumps(fields["auth"]).decode(),
-            fields["email"],
-        )
-    except asyncpg.UniqueViolationError:
-        raise _taken() from None
+    row = await _store(
+        request, UPDATE, current["id"], fields, fields["secret"] or current["secret"]
+    )
     return json_response(public(row))
 
 
