@@ -1,160 +1,102 @@
-"""`dispatcher bench`: the daemon's delivery rate against a plain HTTP client's, in one run.
+"""`dispatcher bench`: the daemon against a plain HTTP client, and its targets, in one run.
 
-Both phases post the same bodies to the same loopback receiver (its own process) with the
-same concurrency. The ceiling is an aiohttp client and nothing else; the dispatcher phase
-publishes a backlog in SQL and lets the real daemon code claim, sign, send and record it.
+It starts an embedded PostgreSQL (or uses a given URL) and a cheap receiver on 127.0.0.1 in
+its own process. The ceiling posts the same body with a plain aiohttp client and nothing
+else; each scenario (see bench_scenarios) publishes in SQL and lets the real daemon code,
+in this process, claim, sign, send and record. Loopback only; the default run stays under
+two minutes on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import resource
+import os
+import platform
 import shutil
 import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import aiohttp
 import asyncpg
 import orjson
-from aiohttp import web
 
+from . import bench_scenarios as sc
 from . import config
-from .app import EMBEDDED_DATABASE, started
+from .app import EMBEDDED_DATABASE, apply_migrations
 from .embedded import EmbeddedPostgres
 from .envelope import Message, render
-from .signing import new_secret
 
-PAYLOAD = {"id": "p-1", "sku": "COFFEE-250G", "name": "Premium Coffee Beans", "price": 12.5}
+SCENARIOS = ("burn", "steady", "faulty", "retries", "memory")
+DEFAULT_SCENARIOS = ("burn", "steady", "faulty", "retries")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Sizes of one run; the defaults keep it under two minutes on 2 cores."""
+
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
+    deliveries: int = 50_000  # the burn-down's backlog (and the ceiling's POSTs)
+    concurrency: int = 256
+    steady_seconds: float = 10.0
+    faulty_deliveries: int = 10_000
+    faulty_endpoints: int = 100
+    retry_deliveries: int = 2_000
+    memory_pending: int = 1_000_000
+    memory_in_flight: int = 1_000
+    memory_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    value: float | None
+    limit: str
+    met: bool | None  # None: not measured in this run
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    deliveries: int
-    concurrency: int
-    ceiling_per_s: float
-    dispatcher_per_s: float
-    ratio: float
-    publish_seconds: float
-    statements_per_delivery: float | None
-    cpu_seconds_per_delivery: float
-    ceiling_cpu_seconds_per_post: float
-    peak_rss_mb: float
+    machine: dict[str, Any]
+    plan: dict[str, Any]
+    wall_seconds: float
+    ceiling: sc.Ceiling | None = None
+    burn: sc.Burn | None = None
+    steady: sc.Steady | None = None
+    faulty: sc.Faulty | None = None
+    retries: sc.Retries | None = None
+    memory: sc.Memory | None = None
+    targets: list[Target] = field(default_factory=list)
 
 
-def _receiver_main(ports: Queue[int]) -> None:
-    import uvloop
-
-    async def ok(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(text="ok")
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", ok)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
-        ports.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
-
-
-async def _ceiling(url: str, body: bytes, count: int, concurrency: int) -> tuple[float, float]:
-    remaining = count
-    headers = {"Content-Type": "application/json"}
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        cpu0 = time.process_time()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        return count / (time.perf_counter() - started), time.process_time() - cpu0
-
-
-async def _dispatcher(
-    settings: config.Settings, url: str, count: int
-) -> tuple[float, float, float | None, float]:
-    dsn = settings.database.url
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with started(settings):
-            await conn.execute(
-                "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret) "
-                "VALUES ('bench', $1, '{products.*}', $2)",
-                url,
-                new_secret(),
-            )
-            stats = await _statements_ready(conn)
-            cpu0 = time.process_time()
-            published = time.perf_counter()
-            await conn.execute(
-                "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
-                "SELECT 'bench', 'products.update.v0', $1::text::jsonb "
-                "FROM generate_series(1, $2)",
-                orjson.dumps(PAYLOAD).decode(),
-                count,
-            )
-            begun = time.perf_counter()
-            # Polled: the queue lives in Postgres, not in this process.
-            while await conn.fetchval(  # noqa: ASYNC110
-                "SELECT EXISTS (SELECT 1 FROM dispatcher.deliveries)"
-            ):
-                await asyncio.sleep(0.02)
-            elapsed = time.perf_counter() - begun
-            cpu = time.process_time() - cpu0
-            statements = await _statements(conn) if stats else None
-        return count / elapsed, begun - published, statements, cpu
-    finally:
-        await conn.close()
-
-
-async def _statements_ready(conn: asyncpg.Connection) -> bool:
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        await conn.execute("SELECT pg_stat_statements_reset()")
-    except asyncpg.PostgresError:
-        return False
-    return True
-
-
-async def _statements(conn: asyncpg.Connection) -> float:
-    """Statements the daemon ran (the bench's own publish and progress checks left out)."""
-    calls = await conn.fetchval(
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
-        "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND query NOT LIKE '%pg_stat_statements%' "
-        "AND query NOT LIKE 'SELECT EXISTS (SELECT 1 FROM dispatcher.deliveries)%' "
-        "AND query NOT LIKE 'INSERT INTO dispatcher.events%'"
-    )
-    return float(calls)
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 async def run(
     base_settings: config.Settings,
+    plan: Plan,
     *,
-    deliveries: int,
-    concurrency: int,
-    database_url: str | None,
+    database_url: str | None = None,
+    progress: bool = False,
 ) -> Report:
-    """Run both phases; the daemon uses `base_settings` (the config) but for where it
-    connects, listens and may send, and its concurrency."""
+    """Run the plan's scenarios; the daemon uses `base_settings` (the config) but for where
+    it connects, listens and may send, and its concurrency."""
+    unknown = set(plan.scenarios) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS}")
+    wall = time.perf_counter()
     async with AsyncExitStack() as stack:
         if database_url:
             dsn = database_url
@@ -162,6 +104,8 @@ async def run(
             base = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
             stack.callback(shutil.rmtree, base, True)
             server = EmbeddedPostgres(base)
+            if progress:
+                sys.stderr.write("starting an embedded PostgreSQL...\r")
             admin = await asyncio.to_thread(server.start)
             stack.callback(server.stop)
             conn = await asyncpg.connect(admin)
@@ -169,74 +113,207 @@ async def run(
             await conn.close()
             dsn = server.dsn(EMBEDDED_DATABASE)
 
-        ctx = multiprocessing.get_context("spawn")
-        ports: Queue[int] = ctx.Queue()
-        receiver = ctx.Process(target=_receiver_main, args=(ports,), daemon=True)
+        mp = multiprocessing.get_context("spawn")
+        ports: Queue[int] = mp.Queue()
+        receiver = mp.Process(target=sc.receiver_main, args=(ports,), daemon=True)
         receiver.start()
         stack.callback(receiver.join, 10)
         stack.callback(receiver.terminate)
         port = await asyncio.to_thread(ports.get, True, 30)
-        url = f"http://127.0.0.1:{port}/hook"
 
         settings = replace(
             base_settings,
             database=replace(base_settings.database, url=dsn),
             admin=replace(base_settings.admin, listen="127.0.0.1:0"),
             security=config.SecuritySettings(allow_private_networks=True, allow_http=True),
-            delivery=replace(
-                base_settings.delivery, max_in_flight=concurrency, max_per_endpoint=concurrency
-            ),
+            # Hanging endpoints time out within seconds; a stop never waits long for them.
+            delivery=replace(base_settings.delivery, grace_period=3.0),
             log=config.LogSettings(format="json", level="warning"),
         )
-        body = render(
-            "standard",
-            Message(
-                0,
-                uuid4(),
-                uuid4(),
-                "products.update.v0",
-                "bench",
-                None,
-                datetime.now(UTC),
-                orjson.dumps(PAYLOAD).decode(),
-            ),
-            time.time_ns(),
+        # Migrations first, so the bench's connection sees the schema.
+        await apply_migrations(dsn)
+        conn = await asyncpg.connect(dsn)
+        stack.push_async_callback(conn.close)
+        ctx = sc.Context(
+            settings,
+            f"http://127.0.0.1:{port}",
+            conn,
+            plan.concurrency,
+            sc.Progress(progress),
         )
-        ceiling, ceiling_cpu = await _ceiling(url, body, deliveries, concurrency)
-        rate, publish_s, statements, cpu = await _dispatcher(settings, url, deliveries)
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return Report(
-            deliveries=deliveries,
-            concurrency=concurrency,
-            ceiling_per_s=round(ceiling, 1),
-            dispatcher_per_s=round(rate, 1),
-            ratio=round(rate / ceiling, 3),
-            publish_seconds=round(publish_s, 3),
-            statements_per_delivery=(
-                None if statements is None else round(statements / deliveries, 4)
+        ctx.statements = await sc.statements_ready(conn)
+        results: dict[str, Any] = {}
+        chosen = set(plan.scenarios)
+        if chosen & {"burn", "steady"}:
+            results["ceiling"] = await sc.ceiling(ctx, _body(), plan.deliveries)
+        if "burn" in chosen:
+            results["burn"] = await sc.burn(ctx, plan.deliveries, results["ceiling"].per_s)
+        if "steady" in chosen:
+            rate = results["ceiling"].per_s / 2
+            results["steady"] = await sc.steady(ctx, rate, plan.steady_seconds)
+        if "faulty" in chosen:
+            results["faulty"] = await sc.faulty(
+                ctx, plan.faulty_deliveries, endpoints=plan.faulty_endpoints
+            )
+        if "retries" in chosen:
+            results["retries"] = await sc.retries(ctx, plan.retry_deliveries)
+        if "memory" in chosen:
+            results["memory"] = await sc.memory(
+                ctx, plan.memory_pending, plan.memory_in_flight, plan.memory_seconds
+            )
+    report = Report(
+        machine=_machine(),
+        plan=asdict(plan),
+        wall_seconds=round(time.perf_counter() - wall, 1),
+        **results,
+    )
+    return replace(report, targets=targets(report))
+
+
+def _body() -> bytes:
+    """What the daemon sends for one bench event (the standard envelope)."""
+    return render(
+        "standard",
+        Message(
+            0,
+            uuid4(),
+            uuid4(),
+            "products.update.v0",
+            "bench",
+            None,
+            datetime.now(UTC),
+            sc.PAYLOAD_TEXT,
+        ),
+        time.time_ns(),
+    )
+
+
+def targets(r: Report) -> list[Target]:
+    """The issue's targets, each met, not met, or not measured (None) in this run."""
+
+    def at_least(name: str, value: float | None, limit: float, shown: str) -> Target:
+        return Target(name, value, shown, None if value is None else value >= limit)
+
+    def at_most(name: str, value: float | None, limit: float, shown: str) -> Target:
+        return Target(name, value, shown, None if value is None else value <= limit)
+
+    stmts = r.burn.statements_per_delivery if r.burn else None
+    return [
+        at_least(
+            "burn: dispatcher / ceiling deliveries/s",
+            r.burn.ratio_to_ceiling if r.burn else None,
+            0.9,
+            ">= 0.9",
+        ),
+        at_most("burn: SQL statements per delivery", stmts, 0.02, "<= 0.02"),
+        Target(
+            "steady at half load: p99 due-to-send lag, ms",
+            r.steady.lag_p99_ms if r.steady else None,
+            "< 100",
+            None if r.steady is None or r.steady.lag_p99_ms is None else r.steady.lag_p99_ms < 100,
+        ),
+        at_most(
+            "retries in bulk: p99 ms late after due",
+            r.retries.late_p99_ms if r.retries else None,
+            50,
+            "<= 50",
+        ),
+        at_least(
+            "faulty: healthy deliveries/s vs all-healthy run",
+            r.faulty.ratio if r.faulty else None,
+            0.9,
+            ">= 0.9",
+        ),
+        # Retention drops whole days (keep_days >= 1): not observable within a bench run.
+        Target("tables stop growing once retention applies", None, "see test_retention", None),
+        Target(
+            "memory: RSS MB with 1M pending, 1,000 in flight",
+            r.memory.rss_peak_mb if r.memory else None,
+            "< 250",
+            None if r.memory is None else r.memory.rss_peak_mb < 250,
+        ),
+    ]
+
+
+def _rows(r: Report) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [("concurrency", r.plan["concurrency"])]
+    if r.ceiling:
+        rows += [
+            ("ceiling: plain aiohttp client, POST/s", r.ceiling.per_s),
+            ("ceiling: client CPU s per POST", r.ceiling.cpu_seconds_per_post),
+        ]
+    if b := r.burn:
+        rows += [
+            ("burn: deliveries", b.deliveries),
+            ("burn: publish + fan-out, s", b.publish_seconds),
+            ("burn: dispatcher deliveries/s", b.per_s),
+            ("burn: ratio to ceiling", b.ratio_to_ceiling),
+            ("burn: due-to-send lag p50 / p99, ms", f"{b.lag_p50_ms} / {b.lag_p99_ms}"),
+            ("burn: SQL statements per delivery", b.statements_per_delivery),
+            ("burn: WAL bytes per delivery (incl. publish)", b.wal_bytes_per_delivery),
+            ("burn: dispatcher CPU s per delivery", b.cpu_seconds_per_delivery),
+            ("burn: peak RSS, MB", b.peak_rss_mb),
+        ]
+        for table in sc.TABLES:
+            rows.append(
+                (
+                    f"burn: {table} kB before -> after",
+                    f"{b.tables_before_kb[table]:,} -> {b.tables_after_kb[table]:,}",
+                )
+            )
+    if s := r.steady:
+        rows += [
+            ("steady: target / achieved deliveries/s", f"{s.target_per_s} / {s.achieved_per_s}"),
+            (
+                "steady: lag p50 / p99 / max, ms",
+                f"{s.lag_p50_ms} / {s.lag_p99_ms} / {s.lag_max_ms}",
             ),
-            cpu_seconds_per_delivery=round(cpu / deliveries, 6),
-            ceiling_cpu_seconds_per_post=round(ceiling_cpu / deliveries, 6),
-            peak_rss_mb=round(rss_mb, 1),
-        )
+            ("steady: SQL statements per delivery", s.statements_per_delivery),
+            ("steady: dispatcher CPU s per delivery", s.cpu_seconds_per_delivery),
+        ]
+    if f := r.faulty:
+        rows += [
+            (
+                "faulty: endpoints (failing / hanging)",
+                f"{f.endpoints} ({f.failing_endpoints} / {f.hanging_endpoints})",
+            ),
+            ("faulty: all-healthy run, deliveries/s", f.healthy_run_per_s),
+            ("faulty: healthy endpoints' deliveries/s", f.faulty_run_healthy_per_s),
+            ("faulty: ratio", f.ratio),
+            ("faulty: answered 500 / timed out", f"{f.answered_500} / {f.timed_out}"),
+        ]
+    if t := r.retries:
+        rows += [
+            ("retries: retried (delay s)", f"{t.retried} ({t.delay_s})"),
+            (
+                "retries: late after due p50 / p99 / max, ms",
+                f"{t.late_p50_ms} / {t.late_p99_ms} / {t.late_max_ms}",
+            ),
+            ("retries: fired early", t.early),
+        ]
+    if m := r.memory:
+        rows += [
+            ("memory: pending / in flight (seen)", f"{m.pending:,} / {m.max_in_flight_seen}"),
+            ("memory: RSS before / peak, MB", f"{m.rss_before_mb} / {m.rss_peak_mb}"),
+        ]
+    rows.append(("wall time, s", r.wall_seconds))
+    return rows
 
 
 def print_report(report: Report, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(orjson.dumps(asdict(report)).decode() + "\n")
         return
-    rows: list[tuple[str, Any]] = [
-        ("deliveries", report.deliveries),
-        ("concurrency", report.concurrency),
-        ("ceiling (plain aiohttp client), POST/s", report.ceiling_per_s),
-        ("dispatcher, deliveries/s", report.dispatcher_per_s),
-        ("ratio dispatcher / ceiling", report.ratio),
-        ("publish + fan-out of the backlog, s", report.publish_seconds),
-        ("SQL statements per delivery", report.statements_per_delivery),
-        ("dispatcher CPU seconds per delivery", report.cpu_seconds_per_delivery),
-        ("ceiling client CPU seconds per POST", report.ceiling_cpu_seconds_per_post),
-        ("peak RSS of the bench process, MB", report.peak_rss_mb),
-    ]
+    rows = _rows(report)
     width = max(len(name) for name, _ in rows)
+    print(f"{'measure':<{width}}  value")
+    print(f"{'-' * width}  {'-' * 20}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    print()
+    marks = {True: "met", False: "NOT MET", None: "not measured"}
+    width = max(len(t.name) for t in report.targets)
+    print(f"{'target':<{width}}  {'value':>10}  {'goal':<18}  result")
+    for t in report.targets:
+        value = "-" if t.value is None else f"{t.value:g}"
+        print(f"{t.name:<{width}}  {value:>10}  {t.limit:<18}  {marks[t.met]}")
