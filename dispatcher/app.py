@@ -180,9 +180,7 @@ async def serve(
 
 
 @asynccontextmanager
-async def started(
-    settings: Settings, *, clock: Clock | None = None
-) -> AsyncIterator[Running]:
+async def started(settings: Settings, *, clock: Clock | None = None) -> AsyncIterator[Running]:
     """Run the daemon in this event loop for the duration of the block (bench, tests)."""
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()

@@ -180,8 +180,8 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="measure deliveries/s against a plain HTTP client, and the targets",
         description="Scenarios: burn (a backlog burnt down, against the ceiling of a plain "
-        "aiohttp client), steady (half the ceiling's rate: lag), faulty (10%% of endpoints "
-        "answer 500, 1%% hang), retries (retries due in bulk: how late), memory (optional, "
+        "aiohttp client), steady (half the ceiling's rate: lag), faulty (10% of endpoints "
+        "answer 500, 1% hang), retries (retries due in bulk: how late), memory (optional, "
         "longer: RSS with 1M pending and 1,000 in flight). Loopback only.",
     )
     bench.add_argument(

@@ -26,7 +26,14 @@ from .envelope import Message, render
 from .metrics import Metrics
 from .netguard import URLRejectedError, check_url
 from .policy import Decision, ErrorKind, Outcome, Verdict, decide
-from .profiles import EmailOn, EndpointSettings, ErrorRateLimit, SettingsError, resolve
+from .profiles import (
+    DEFAULT_USER_AGENT,
+    EmailOn,
+    EndpointSettings,
+    ErrorRateLimit,
+    SettingsError,
+    resolve,
+)
 from .record import Recorder, Result
 from .schedule import Clock, WakeTimer
 from .send import Sender
@@ -34,15 +41,19 @@ from .signing import SIGNERS, auth_headers
 
 log = structlog.get_logger(__name__)
 
+_STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A subscription's resolved settings and the headers its receiver's auth needs."""
+    """What is the same for every request to one subscription version, worked out once:
+    its settings, its constant headers (content type, user agent, receiver auth) and
+    whether its URL is refused."""
 
     settings: EndpointSettings | SettingsError
-    auth_headers: dict[str, str]
+    headers: dict[str, str]
+    blocked: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +64,8 @@ class Job:
     # The current signing secret first; during a rotation the previous one still signs too.
     secrets: list[str]
     endpoint: EndpointSettings | SettingsError
-    auth_headers: dict[str, str]
+    headers: dict[str, str]
+    blocked: str | None
 
 
 def failure_email(email_on: EmailOn, verdict: Verdict) -> str | None:
@@ -107,6 +119,8 @@ class Worker:
         self._in_flight = 0
         self._per_subscription: Counter[UUID] = Counter()
         self._caps: dict[UUID, int] = {}
+        # Lowered concurrency caps of endpoints that are struggling (see _adapt).
+        self._limits: dict[UUID, int] = {}
         self._tasks: dict[asyncio.Task[None], Job] = {}
         self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
@@ -155,7 +169,9 @@ class Worker:
                 if mono >= self._next_poll:
                     await self._poll()
                     self._next_poll = mono + self._settings.poll_interval
-                if self.timer.pop_due(self._clock()):
+                # A retry that fell due is claimed at once: batching it would make it late.
+                retry_due = self.timer.pop_due(self._clock()) > 0
+                if retry_due:
                     self._want_claim = True
                 if self.timer.overflowed and not len(self.timer):
                     self.timer.overflowed = False
@@ -164,7 +180,7 @@ class Worker:
                 if (
                     self._want_claim
                     and free > 0
-                    and (free >= self._batch or mono >= self._next_claim)
+                    and (retry_due or free >= self._batch or mono >= self._next_claim)
                 ):
                     await self._claim(free)
                     continue
@@ -188,8 +204,10 @@ class Worker:
         saturated: list[UUID] = []
         busy: list[UUID] = []
         room: list[int] = []
-        for sid, n in self._per_subscription.items():
-            free_here = self._caps.get(sid, self._settings.max_per_endpoint) - n
+        default = self._settings.max_per_endpoint
+        for sid in self._per_subscription.keys() | self._limits.keys():
+            cap = min(self._caps.get(sid, default), self._limits.get(sid, default))
+            free_here = cap - self._per_subscription.get(sid, 0)
             if free_here <= 0:
                 saturated.append(sid)
             else:
@@ -226,7 +244,7 @@ class Worker:
         for row in rows:
             job = self._job(row)
             sid = job.message.subscription_id
-            cap = self._cap(job.endpoint)
+            cap = self._cap(sid, job.endpoint)
             self._caps[sid] = cap
             if self._per_subscription[sid] >= cap:
                 excess.append(job.message.delivery_id)
@@ -242,19 +260,40 @@ class Worker:
                 self._metrics.db_errors.labels("release").inc()
                 log.warning("release.failed", deliveries=len(excess), error=str(exc))
 
-    def _cap(self, endpoint: EndpointSettings | SettingsError) -> int:
+    def _configured_cap(self, endpoint: EndpointSettings | SettingsError) -> int:
         if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
             return endpoint.max_in_flight
         return self._settings.max_per_endpoint
+
+    def _cap(self, sid: UUID, endpoint: EndpointSettings | SettingsError) -> int:
+        """The configured cap, lowered while the endpoint struggles (see _adapt)."""
+        configured = self._configured_cap(endpoint)
+        return min(configured, self._limits.get(sid, configured))
+
+    def _adapt(self, job: Job, outcome: Outcome) -> None:
+        """Halve an endpoint's concurrency when it times out, refuses connections or says 429,
+        and give one slot back per answer: an endpoint that holds slots for long keeps few of
+        them, so it cannot starve healthy ones. (A quick 5xx frees its slot at once: it is
+        retried on its schedule, not throttled.)"""
+        sid = job.message.subscription_id
+        configured = self._configured_cap(job.endpoint)
+        current = self._limits.get(sid, configured)
+        status = outcome.status
+        if outcome.error in _STRAIN or status == 429:
+            if len(self._limits) > 10_000:
+                self._limits.clear()
+            self._limits[sid] = max(1, current // 2)
+        elif sid in self._limits:
+            if current + 1 >= configured:
+                del self._limits[sid]
+            else:
+                self._limits[sid] = current + 1
 
     def _job(self, row: asyncpg.Record) -> Job:
         key = (row["subscription_id"], row["updated_at"])
         endpoint = self._endpoints.get(key)
         if endpoint is None:
-            endpoint = Endpoint(
-                self._resolve(row["profile"], row["settings"]),
-                auth_headers(orjson.loads(row["auth"])),
-            )
+            endpoint = self._endpoint(row)
             if len(self._endpoints) > 10_000:
                 self._endpoints.clear()
             self._endpoints[key] = endpoint
@@ -273,8 +312,30 @@ class Worker:
             url=row["url"],
             secrets=[row["secret"]] + ([row["previous_secret"]] if row["previous_secret"] else []),
             endpoint=endpoint.settings,
-            auth_headers=endpoint.auth_headers,
+            headers=endpoint.headers,
+            blocked=endpoint.blocked,
         )
+
+    def _endpoint(self, row: asyncpg.Record) -> Endpoint:
+        settings = self._resolve(row["profile"], row["settings"])
+        user_agent = (
+            settings.user_agent if isinstance(settings, EndpointSettings) else DEFAULT_USER_AGENT
+        )
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": user_agent,
+            **auth_headers(orjson.loads(row["auth"])),
+        }
+        blocked = None
+        try:
+            check_url(
+                row["url"],
+                allow_http=self._security.allow_http,
+                allow_private=self._security.allow_private_networks,
+            )
+        except URLRejectedError as exc:
+            blocked = str(exc)
+        return Endpoint(settings, headers, blocked)
 
     def _resolve(self, profile: str, settings: str) -> EndpointSettings | SettingsError:
         try:
@@ -310,6 +371,7 @@ class Worker:
 
     async def _deliver(self, job: Job) -> None:
         outcome, body = await self._attempt(job)
+        self._adapt(job, outcome)
         endpoint = job.endpoint
         if isinstance(endpoint, SettingsError):
             decision = Decision(Verdict.FAILED)
@@ -345,21 +407,11 @@ class Worker:
         endpoint = job.endpoint
         if isinstance(endpoint, SettingsError):
             return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint)), None
-        try:
-            check_url(
-                job.url,
-                allow_http=self._security.allow_http,
-                allow_private=self._security.allow_private_networks,
-            )
-        except URLRejectedError as exc:
-            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=str(exc)), None
+        if job.blocked is not None:
+            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=job.blocked), None
         sent_ns = time.time_ns()
         body = render(endpoint.envelope, job.message, sent_ns)
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": endpoint.user_agent,
-            **job.auth_headers,
-        }
+        headers = dict(job.headers)
         headers.update(
             SIGNERS[endpoint.signature](
                 job.secrets,

@@ -242,3 +242,22 @@ async def test_a_notify_that_arrives_during_a_claim_is_not_lost(
             await publish(db)
             await publish(db)
             await receiver.wait_for(2 * n, timeout=3)
+
+
+async def test_an_endpoint_that_times_out_is_throttled_to_few_slots(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    await subscribe(db, receiver.url("/stuck"), ["slow.*"], settings={"timeout": 0.4})
+    receiver.plan("/stuck", then=HANG)
+    settings = settings_for(database, max_in_flight=32, max_per_endpoint=8)
+    async with daemon(settings):
+        await publish(db, event="slow.create.v0", count=40)
+        # The first wave fills the endpoint's 8 slots and times out together; each timeout
+        # halves its cap, so what follows goes one request at a time.
+        await receiver.wait_for(8 + 4, "/stuck", timeout=10)
+    arrivals = [r.at for r in receiver.at("/stuck")]
+    first_wave = [t for t in arrivals if t - arrivals[0] < 0.2]
+    assert len(first_wave) == 8
+    later = arrivals[8:12]
+    gaps_ = [b - a for a, b in itertools.pairwise(later)]
+    assert all(gap >= 0.3 for gap in gaps_), gaps_
