@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from dispatcher import sdnotify
+
+from .helpers import DaemonProcess, http_status
 
 
 @pytest.fixture
@@ -75,3 +79,23 @@ def test_unset_or_empty_socket_is_a_quiet_no(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_socket_nobody_listens_on_returns_false(tmp_path: Path) -> None:
     assert not sdnotify.stopping({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+
+
+async def test_the_daemon_says_ready_once_serving_and_stopping_on_sigterm(
+    database: str, tmp_path: Path
+) -> None:
+    """What a Type=notify unit sees from `dispatcher run`."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        with DaemonProcess(database, {"NOTIFY_SOCKET": str(path)}) as daemon:
+            daemon.start(tmp_path)
+            ready = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
+            assert ready.startswith(b"READY=1\nSTATUS=admin on http://127.0.0.1:")
+            # Ready means serving: the admin port answers at once.
+            assert await http_status(f"http://127.0.0.1:{daemon.port}/healthz") == 200
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.wait_for(loop.sock_recv(sock, 4096), 10) == b"STOPPING=1"
+            assert await daemon.wait_exit(timeout=15) == 0
