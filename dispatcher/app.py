@@ -114,13 +114,17 @@ async def serve(
         stack.push_async_callback(pool.close)
         session = await stack.enter_async_context(
             client_session(
-                settings.delivery.max_in_flight,
-                settings.security.allow_private_networks,
-                allow_http=settings.security.allow_http,
+                settings.delivery.max_in_flight, settings.security.allow_private_networks
             )
         )
         metrics = Metrics()
-        sender = Sender(session, settings.delivery.response_capture_bytes, clock)
+        sender = Sender(
+            session,
+            settings.delivery.response_capture_bytes,
+            clock,
+            allow_http=settings.security.allow_http,
+            allow_private=settings.security.allow_private_networks,
+        )
         worker = Worker(
             pool,
             sender,

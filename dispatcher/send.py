@@ -16,18 +16,14 @@ from .profiles import EndpointSettings
 
 Clock = Callable[[], float]
 _NO_CEILING = 1e9
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @asynccontextmanager
 async def client_session(
-    max_connections: int, allow_private: bool, *, allow_http: bool
+    max_connections: int, allow_private: bool
 ) -> AsyncIterator[aiohttp.ClientSession]:
-    """The one ClientSession of the daemon; its resolver refuses non-public addresses.
-
-    Redirect targets are checked like subscription URLs before they are followed: the
-    connector never consults the resolver for a literal IP, so without this check a
-    redirect to http://169.254.169.254/ would bypass the SSRF guard.
-    """
+    """The one ClientSession of the daemon; its resolver refuses non-public addresses."""
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
@@ -41,38 +37,30 @@ async def client_session(
         # No skip_auto_headers: aiohttp rebuilds a header set from it on every request
         # (about 5% of a delivery's CPU); Sender.post sets both headers itself instead.
         raise_for_status=False,
-        trace_configs=[_redirect_guard(allow_http=allow_http, allow_private=allow_private)],
     ) as session:
         yield session
 
 
-def _redirect_guard(*, allow_http: bool, allow_private: bool) -> aiohttp.TraceConfig:
-    """A trace hook that refuses a redirect to a URL the configuration does not allow."""
-
-    async def on_redirect(
-        _session: aiohttp.ClientSession,
-        _ctx: object,
-        params: aiohttp.TraceRequestRedirectParams,
-    ) -> None:
-        location = params.response.headers.get("Location")
-        if location is None:
-            return  # aiohttp stops here and returns the 3xx itself
-        try:
-            target = params.url.join(URL(location))
-        except ValueError:
-            return  # aiohttp refuses a malformed Location itself
-        check_url(str(target), allow_http=allow_http, allow_private=allow_private)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_redirect.append(on_redirect)
-    return trace
-
-
 class Sender:
-    def __init__(self, session: aiohttp.ClientSession, capture_bytes: int, clock: Clock) -> None:
+    """Posts bodies and follows redirects itself: each redirect target passes the same
+    check as a subscription URL before it is requested (the connector never asks the
+    resolver about a literal IP, so a redirect to http://169.254.169.254/ would otherwise
+    bypass the SSRF guard)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        capture_bytes: int,
+        clock: Clock,
+        *,
+        allow_http: bool,
+        allow_private: bool,
+    ) -> None:
         self._session = session
         self._capture = capture_bytes
         self._clock = clock
+        self._allow_http = allow_http
+        self._allow_private = allow_private
         # One ClientTimeout per distinct setting, not one per request.
         self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
@@ -109,17 +97,7 @@ class Sender:
         error: ErrorKind | None = None
         detail = ""
         try:
-            async with self._session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout(endpoint),
-                allow_redirects=endpoint.follow_redirects,
-                max_redirects=endpoint.max_redirects,
-                ssl=bool(endpoint.verify_tls),
-            ) as response:
-                status = response.status
-                excerpt = await self._read_capped(response)
+            status, excerpt = await self._exchange(url, body, headers, endpoint, t0)
         except Exception as exc:  # every failure of the exchange becomes an outcome
             status = None
             error, detail = classify(exc)
@@ -132,6 +110,47 @@ class Sender:
             detail=_storable(detail[:500]),
             body_excerpt=excerpt,
         )
+
+    async def _exchange(
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: EndpointSettings,
+        t0: float,
+    ) -> tuple[int, str]:
+        """The request and the redirects it is allowed to follow, within one total timeout."""
+        method, target = "POST", url
+        data: bytes | None = body
+        timeout = self._timeout(endpoint)
+        for hop in range(endpoint.max_redirects + 1):
+            async with self._session.request(
+                method,
+                target,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                ssl=bool(endpoint.verify_tls),
+            ) as response:
+                location = response.headers.get("Location")
+                if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
+                    return response.status, await self._read_capped(response)
+                if hop == endpoint.max_redirects:
+                    raise aiohttp.TooManyRedirects(response.request_info, response.history)
+                target = str(response.url.join(URL(location)))
+                response.close()
+            check_url(target, allow_http=self._allow_http, allow_private=self._allow_private)
+            if response.status in (301, 302, 303):
+                # As browsers and aiohttp do: the body is not sent again to the new place.
+                method, data = "GET", None
+            remaining = endpoint.timeout - (time.perf_counter() - t0)
+            if remaining <= 0:
+                raise TimeoutError("redirects took the whole timeout")
+            timeout = aiohttp.ClientTimeout(
+                total=remaining, connect=endpoint.connect_timeout, ceil_threshold=_NO_CEILING
+            )
+        raise AssertionError("unreachable: the loop returns or raises")
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> str:
         """At most `capture_bytes` of the body; the rest is never read (memory stays bounded)."""

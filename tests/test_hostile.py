@@ -265,8 +265,8 @@ async def test_a_redirect_to_a_private_address_is_refused_when_private_networks_
     # the redirect names a literal address, which the connector never sends to a resolver.
     receiver.plan("/first", then=redirect_to(receiver.url("/second")))
     endpoint = resolve("tillhub", {})
-    async with client_session(4, allow_private=False, allow_http=True) as session:
-        outcome = await Sender(session, 100, time.time).post(
+    async with client_session(4, allow_private=False) as session:
+        outcome = await Sender(session, 100, time.time, allow_http=True, allow_private=False).post(
             receiver.url("/first"), b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED, outcome
@@ -331,8 +331,8 @@ async def test_a_redirect_from_https_to_plain_http_is_refused_when_http_is_not_a
 ) -> None:
     untrusted_tls.plan("/hook", then=redirect_to(receiver.url("/plain")))
     endpoint = resolve("tillhub", {"verify_tls": False})
-    async with client_session(4, allow_private=True, allow_http=False) as session:
-        outcome = await Sender(session, 100, time.time).post(
+    async with client_session(4, allow_private=True) as session:
+        outcome = await Sender(session, 100, time.time, allow_http=False, allow_private=True).post(
             untrusted_tls.url(), b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED, outcome
@@ -518,8 +518,8 @@ async def test_the_http_client_refuses_a_name_for_loopback_before_connecting(
     receiver: Receiver,
 ) -> None:
     endpoint = resolve("standard", {})
-    async with client_session(4, allow_private=False, allow_http=True) as session:
-        outcome = await Sender(session, 100, time.time).post(
+    async with client_session(4, allow_private=False) as session:
+        outcome = await Sender(session, 100, time.time, allow_http=True, allow_private=False).post(
             f"http://localhost:{receiver.port}/hook", b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED
