@@ -20,6 +20,8 @@ import pytest
 
 from dispatcher.metrics import Metrics
 
+from .helpers import missing_system_package
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "dispatcher.service"
@@ -40,7 +42,7 @@ _OURS = re.compile(r"\bdispatcher_[a-zA-Z0-9_:]*")
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(
+        missing_system_package(
             f"{name} is not installed: apt-get install -y --no-install-recommends {TOOLS[name]}"
         )
     return path

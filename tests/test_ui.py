@@ -20,7 +20,15 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from dispatcher import tokens
 
-from .helpers import Receiver, daemon, poll_until, publish, settings_for, subscribe
+from .helpers import (
+    Receiver,
+    daemon,
+    missing_system_package,
+    poll_until,
+    publish,
+    settings_for,
+    subscribe,
+)
 
 CHROMIUM = Path(os.environ.get("DISPATCHER_CHROMIUM", "/usr/bin/chromium"))
 INSTALL = "apt-get update && apt-get install -y chromium"
@@ -46,9 +54,11 @@ GREY = "rgb(91, 100, 114)"
 
 @pytest.fixture
 def chromium() -> Path:
-    """The browser binary; its absence fails the test (CI must install it), never skips."""
+    """The browser binary; its absence fails the test in CI (which installs it)."""
     if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: the UI tests need Debian's Chromium ({INSTALL})")
+        missing_system_package(
+            f"{CHROMIUM} is missing: the UI tests need Debian's Chromium ({INSTALL})"
+        )
     return CHROMIUM
 
 
