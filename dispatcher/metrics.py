@@ -24,6 +24,8 @@ class Metrics:
     claimed: Counter = field(init=False)
     flushes: Counter = field(init=False)
     db_errors: Counter = field(init=False)
+    deactivations: Counter = field(init=False)
+    subscriptions: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -63,6 +65,19 @@ class Metrics:
         self.claims = Counter("dispatcher_claims", "Claim queries run", registry=r)
         self.claimed = Counter("dispatcher_claimed", "Deliveries claimed", registry=r)
         self.flushes = Counter("dispatcher_flushes", "Outcome batches written", registry=r)
+        self.deactivations = Counter(
+            "dispatcher_subscriptions_deactivated",
+            "Subscriptions this instance deactivated or deleted because of their receiver's "
+            "answers, by reason (status, unsubscribe, error_rate)",
+            ["reason"],
+            registry=r,
+        )
+        self.subscriptions = Gauge(
+            "dispatcher_subscriptions",
+            "Subscriptions in the database, by state (active, inactive)",
+            ["state"],
+            registry=r,
+        )
         self.db_errors = Counter(
             "dispatcher_db_errors",
             "Database errors on the hot path, by operation",

@@ -136,12 +136,15 @@ NEXT_DUE = """
 SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused
 """
 
-# Queue gauges for /metrics: live deliveries (not paused), and how long the oldest due one
-# has waited. Leased rows carry their lease end as due time, so they count only once expired.
+# Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
+# waited, and subscriptions by state. Leased rows carry their lease end as due time, so they count only once expired.
 QUEUE_STATS = """
 SELECT count(*) AS depth,
        coalesce(extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now())), 0)
-           AS oldest_due_age
+           AS oldest_due_age,
+       (SELECT count(*) FROM dispatcher.subscriptions WHERE active) AS active_subscriptions,
+       (SELECT count(*) FROM dispatcher.subscriptions WHERE NOT active)
+           AS inactive_subscriptions
 FROM dispatcher.deliveries
 WHERE NOT paused
 """

@@ -180,6 +180,8 @@ class Recorder:
             if delete:
                 await conn.execute(queries.DELETE_SUBSCRIPTIONS, delete)
         for r in actions:
+            reason = "unsubscribe" if r.decision.action is Action.DELETE else "status"
+            self._metrics.deactivations.labels(reason).inc()
             log.warning(
                 "subscription."
                 + ("deleted" if r.decision.action is Action.DELETE else "deactivated"),

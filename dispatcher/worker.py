@@ -431,6 +431,8 @@ class Worker:
             stats = await self._pool.fetchrow(queries.QUEUE_STATS)
             self._metrics.queue_depth.set(stats["depth"])
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
+            self._metrics.subscriptions.labels("active").set(stats["active_subscriptions"])
+            self._metrics.subscriptions.labels("inactive").set(stats["inactive_subscriptions"])
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             log.warning("poll.failed", error=str(exc))
@@ -458,6 +460,7 @@ class Worker:
             log.warning("error_rate.failed", error=str(exc))
             return
         for row in rows:
+            self._metrics.deactivations.labels("error_rate").inc()
             log.warning(
                 "subscription.deactivated",
                 subscription_id=str(row["id"]),

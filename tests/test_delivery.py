@@ -208,6 +208,7 @@ async def test_health_readiness_and_metrics_are_exposed(
             text = await r.text()
     assert 'dispatcher_attempts_total{status_class="2xx",verdict="delivered"} 1.0' in text
     assert 'dispatcher_deliveries_total{outcome="delivered"} 1.0' in text
+    assert 'dispatcher_subscriptions{state="active"} 2.0' in text
     for name in (
         "dispatcher_in_flight",
         "dispatcher_queue_depth",

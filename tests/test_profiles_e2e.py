@@ -539,6 +539,9 @@ async def test_store_deletes_a_subscription_that_asks_to_be_unsubscribed(
             return (await s.api.get(f"/v1/subscriptions/{sid}")).status == 404
 
         await poll_until(deleted)
+        async with s.api.http.get(s.api.base + "/metrics") as answer:
+            metrics = await answer.text()
+        assert 'dispatcher_subscriptions_deactivated_total{reason="unsubscribe"} 1.0' in metrics
         # The history stays: the attempt and its delivery are still on record.
         assert (
             await db.fetchval(
