@@ -137,7 +137,8 @@ SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused
 """
 
 # Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
-# waited, and subscriptions by state. Leased rows carry their lease end as due time, so they count only once expired.
+# waited, and subscriptions by state. Leased rows carry their lease end as due time, so
+# they count only once expired.
 QUEUE_STATS = """
 SELECT count(*) AS depth,
        coalesce(extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now())), 0)
