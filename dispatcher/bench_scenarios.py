@@ -160,14 +160,15 @@ class Meter:
         self._tables = await table_sizes(conn)
         if self._ctx.statements:
             await conn.execute(TAG + "SELECT pg_stat_statements_reset()")
-        self._lsn = await conn.fetchval(TAG + "SELECT pg_current_wal_lsn()::text")
+        # The insert position: with synchronous_commit off, the write position can lag behind.
+        self._lsn = await conn.fetchval(TAG + "SELECT pg_current_wal_insert_lsn()::text")
         self._cpu = time.process_time()
 
     async def stop(self) -> Costs:
         cpu = time.process_time() - self._cpu
         conn = self._ctx.conn
         wal = await conn.fetchval(
-            TAG + "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", self._lsn
+            TAG + "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self._lsn
         )
         statements = None
         if self._ctx.statements:
