@@ -484,7 +484,10 @@ async def faulty(ctx: Context, count: int, endpoints: int = 100, timeout: float 
                 await subscribe(ctx, env, f"/{kind}/{i}", sub_settings)
             await publish(ctx, envs, count)
             since = time.time()
-            await drain(ctx, run, envs, count, timeout=max(60.0, count / 100))
+            # Not the hanging endpoints: throttled to one request at a time, their
+            # deliveries time out one by one long after the rest is done.
+            measured = envs[hanging:] if run == "faulty" else envs
+            await drain(ctx, run, measured, count, timeout=max(60.0, count / 100))
             _, rate = await _healthy_rate(ctx, envs, since)
             rates.append(rate)
             if run == "faulty":

@@ -51,7 +51,6 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert faulty.healthy_run_per_s > 0
     assert faulty.faulty_run_healthy_per_s > 0
     assert faulty.answered_500 > 0
-    assert faulty.timed_out > 0
 
     retries = report.retries
     assert retries is not None
