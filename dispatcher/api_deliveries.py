@@ -100,18 +100,8 @@ ORDER BY d.id
 LIMIT $9
 """
 
-COUNT_MATCHING = """
-SELECT count(*) FROM dispatcher.deliveries_done d
-WHERE ($1::text IS NULL OR d.environment_id = $1)
-  AND ($2::uuid IS NULL OR d.subscription_id = $2)
-  AND d.status = ANY($3::text[])
-  AND ($4::timestamptz IS NULL OR d.finished_at >= $4)
-  AND d.finished_at <= $5
-  AND ($6::bigint[] IS NULL OR d.id = ANY($6))
-  AND ($7::text IS NULL OR EXISTS (
-        SELECT 1 FROM dispatcher.events e
-        WHERE e.id = d.event_id AND e.created_at = d.event_created_at AND e.event_name = $7))
-"""
+# How many a job will resend: the same filter, from the start ($8 = 0), without a limit.
+COUNT_MATCHING = "SELECT count(*) FROM (" + MATCHING + ") matching"
 
 NEW_JOB = """
 INSERT INTO dispatcher.resend_jobs (environment_id, filter) VALUES ($1, $2::text::jsonb)
@@ -360,7 +350,7 @@ class ResendJobs:
         )
         args = _filter_args(orjson.loads(job["filter"]), job["cutoff"])
         try:
-            matched = await self._pool.fetchval(COUNT_MATCHING, *args)
+            matched = await self._pool.fetchval(COUNT_MATCHING, *args, 0, None)
             await self._pool.execute(
                 "UPDATE dispatcher.resend_jobs SET matched = resent + $2 WHERE id = $1",
                 job_id,

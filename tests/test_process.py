@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -33,19 +34,19 @@ async def wait_done(db: asyncpg.Connection, count: int, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def slow_ok(seconds: float) -> web.Response:
+def slow_ok(seconds: float) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def reply(request: web.Request) -> web.Response:
         await asyncio.sleep(seconds)
         return web.Response(text="ok")
 
-    return reply  # type: ignore[return-value]
+    return reply
 
 
 async def test_kill_9_under_load_loses_nothing_and_leases_recover(
     database: str, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
 ) -> None:
     await subscribe(db, receiver.url(), settings={"retry": {"delays": [0.1]}})
-    receiver.plan("/hook", then=slow_ok(0.05))  # type: ignore[arg-type]
+    receiver.plan("/hook", then=slow_ok(0.05))
     await publish(db, count=300)
     env = {**FAST_LEASE, "DISPATCHER_DELIVERY_MAX_IN_FLIGHT": "16"}
     with DaemonProcess(database, env) as first:
@@ -80,7 +81,7 @@ async def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(
     database: str, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
 ) -> None:
     await subscribe(db, receiver.url())
-    receiver.plan("/hook", then=slow_ok(0.8))  # type: ignore[arg-type]
+    receiver.plan("/hook", then=slow_ok(0.8))
     env = {"DISPATCHER_DELIVERY_GRACE_PERIOD": "5"}
     with DaemonProcess(database, env) as proc:
         proc.start(tmp_path)
@@ -99,7 +100,7 @@ async def test_sigterm_releases_what_cannot_finish_in_the_grace_period(
     database: str, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
 ) -> None:
     await subscribe(db, receiver.url(), settings={"timeout": 20})
-    receiver.plan("/hook", slow_ok(30), slow_ok(30), then=200)  # type: ignore[arg-type]
+    receiver.plan("/hook", slow_ok(30), slow_ok(30), then=200)
     env = {"DISPATCHER_DELIVERY_GRACE_PERIOD": "0.5"}
     with DaemonProcess(database, env) as proc:
         proc.start(tmp_path)
