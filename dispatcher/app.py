@@ -57,6 +57,7 @@ class Running:
 
     worker: Worker
     admin_url: str
+    metrics: Metrics
 
 
 async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
@@ -159,7 +160,7 @@ async def serve(
         stopping = asyncio.create_task(stop.wait(), name="stop")
         log.info("dispatcher.started", admin=admin_url, owner=str(worker.owner))
         if on_ready is not None:
-            on_ready(Running(worker, admin_url))
+            on_ready(Running(worker, admin_url, metrics))
         try:
             done, _ = await asyncio.wait(
                 [stopping, work, *side], return_when=asyncio.FIRST_COMPLETED

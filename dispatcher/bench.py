@@ -252,6 +252,8 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             ("burn: SQL statements per delivery", b.statements_per_delivery),
             ("burn: WAL bytes per delivery (incl. publish)", b.wal_bytes_per_delivery),
             ("burn: dispatcher CPU s per delivery", b.cpu_seconds_per_delivery),
+            ("burn: mean claim / record statement, ms", f"{b.claim_mean_ms} / {b.record_mean_ms}"),
+            (f"burn: mean requests in flight (of {r.plan['concurrency']})", b.mean_in_flight),
             ("burn: peak RSS, MB", b.peak_rss_mb),
         ]
         for table in sc.TABLES:

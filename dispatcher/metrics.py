@@ -18,6 +18,7 @@ class Metrics:
     deliveries: Counter = field(init=False)
     attempt_seconds: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
+    unrecorded: Gauge = field(init=False)
     queue_depth: Gauge = field(init=False)
     oldest_due_age: Gauge = field(init=False)
     claims: Counter = field(init=False)
@@ -26,6 +27,7 @@ class Metrics:
     db_errors: Counter = field(init=False)
     deactivations: Counter = field(init=False)
     subscriptions: Gauge = field(init=False)
+    db_seconds: Histogram = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -49,7 +51,12 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "dispatcher_in_flight",
-            "Deliveries claimed by this instance and not yet recorded",
+            "Requests this instance has in flight",
+            registry=r,
+        )
+        self.unrecorded = Gauge(
+            "dispatcher_outcomes_unwritten",
+            "Attempt outcomes this instance has not yet written to the database",
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -78,9 +85,29 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.db_seconds = Histogram(
+            "dispatcher_db_duration_seconds",
+            "Duration of the hot path's statements (claim, record), by operation",
+            ["operation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.db_errors = Counter(
             "dispatcher_db_errors",
             "Database errors on the hot path, by operation",
             ["operation"],
             registry=r,
         )
+
+    def mean_db_seconds(self, operation: str) -> float | None:
+        """The mean duration of one hot-path statement so far (None before the first)."""
+        total = count = 0.0
+        for metric in self.db_seconds.collect():
+            for sample in metric.samples:
+                if sample.labels.get("operation") != operation:
+                    continue
+                if sample.name.endswith("_sum"):
+                    total = sample.value
+                elif sample.name.endswith("_count"):
+                    count = sample.value
+        return total / count if count else None

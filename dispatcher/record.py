@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,6 +191,7 @@ class Recorder:
             )
 
     async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
+        began = time.perf_counter()
         await conn.fetchrow(
             queries.RECORD,
             [r.delivery_id for r in batch],
@@ -204,6 +206,7 @@ class Recorder:
             [r.decision.next_at for r in batch],
             self._owner,
         )
+        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
 
     def _account(self, batch: list[Result]) -> None:
         m = self._metrics

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,6 +42,9 @@ from .signing import SIGNERS, auth_headers
 log = structlog.get_logger(__name__)
 
 _STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
+# A claimed delivery waits at most this long for a slot before it goes back to the queue
+# (well inside any lease, which is longer than the request timeout plus 5 s).
+_READY_MAX_AGE = 2.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
@@ -117,8 +120,14 @@ class Worker:
         self._want_claim = True
         self._next_claim = 0.0
         self._in_flight = 0
+        # Outcomes handed to the recorder and not yet written (their leases are still ours).
+        self._unrecorded = 0
         self._per_subscription: Counter[UUID] = Counter()
         self._caps: dict[UUID, int] = {}
+        # Claimed ahead of free slots, by subscription: a freed slot starts the next request at
+        # once instead of idling for a claim's round trip. At most a batch of them.
+        self._ready: dict[UUID, deque[tuple[float, Job]]] = {}
+        self._ready_count = 0
         # Lowered concurrency caps of endpoints that are struggling (see _adapt).
         self._limits: dict[UUID, int] = {}
         self._tasks: dict[asyncio.Task[None], Job] = {}
@@ -128,6 +137,7 @@ class Worker:
         # Subscriptions with an error-rate limit that failed since the last poll.
         self._error_limits: dict[UUID, ErrorRateLimit] = {}
         metrics.in_flight.set_function(lambda: self._in_flight)
+        metrics.unrecorded.set_function(lambda: self._unrecorded)
 
     @property
     def in_flight(self) -> int:
@@ -143,11 +153,20 @@ class Worker:
         self._wake.set()
 
     def _recorded(self, results: list[Result]) -> None:
-        """A delivery holds its slot until its outcome is written: at a crash, what was
-        claimed and not recorded (and so may be sent again) never exceeds max_in_flight."""
-        for result in results:
-            self._release_slot(result.subscription_id)
+        """Outcomes written. A request's slot is freed as soon as it has its outcome, but a new
+        request starts only while requests in flight plus outcomes not yet written stay under
+        max_in_flight: at a crash, what was sent and not recorded (and so is sent again)
+        never exceeds max_in_flight."""
+        self._unrecorded -= len(results)
+        if self._ready_count:
+            self._fill()
         self._wake.set()
+
+    def _claimable(self) -> int:
+        """How many deliveries a claim may take: the free slots (see _recorded) plus a batch
+        to have ready."""
+        limit = self._settings.max_in_flight
+        return limit + self._batch - self._in_flight - self._unrecorded - self._ready_count
 
     def _release_slot(self, sid: UUID) -> None:
         if self._per_subscription[sid] >= self._caps.get(sid, self._settings.max_per_endpoint):
@@ -157,7 +176,56 @@ class Worker:
         self._per_subscription[sid] -= 1
         if self._per_subscription[sid] <= 0:
             del self._per_subscription[sid]
-            self._caps.pop(sid, None)
+            if sid not in self._ready:
+                self._caps.pop(sid, None)
+        if self._ready_count:
+            self._fill(sid)
+
+    def _fill(self, first: UUID | None = None) -> None:
+        """Start ready deliveries while there are free slots, within each endpoint's cap;
+        `first` (whose slot just freed) is served before the others."""
+        if self._stopping:
+            return
+        limit = self._settings.max_in_flight
+        default = self._settings.max_per_endpoint
+        order = list(self._ready)
+        if first is not None and first in self._ready:
+            order.insert(0, first)
+        for sid in order:
+            if self._in_flight + self._unrecorded >= limit:
+                return
+            queue = self._ready.get(sid)
+            if queue is None:
+                continue
+            cap = min(self._caps.get(sid, default), self._limits.get(sid, default))
+            while (
+                queue
+                and self._in_flight + self._unrecorded < limit
+                and self._per_subscription[sid] < cap
+            ):
+                self._start(queue.popleft()[1])
+                self._ready_count -= 1
+            if not queue:
+                del self._ready[sid]
+
+    def _take_stale(self, mono: float) -> list[int]:
+        """Ready deliveries that waited too long for their endpoint's cap: they go back to the
+        queue (due now) before their lease can run out."""
+        stale: list[int] = []
+        for sid in list(self._ready):
+            queue = self._ready[sid]
+            while queue and mono - queue[0][0] > _READY_MAX_AGE:
+                stale.append(queue.popleft()[1].message.delivery_id)
+            if not queue:
+                del self._ready[sid]
+                if sid not in self._per_subscription:
+                    self._caps.pop(sid, None)
+        self._ready_count -= len(stale)
+        return stale
+
+    def _oldest_ready(self) -> float | None:
+        heads = [queue[0][0] for queue in self._ready.values() if queue]
+        return min(heads) if heads else None
 
     async def run(self) -> None:
         """Dispatch until stop(); then drain within the grace period and release the rest."""
@@ -176,15 +244,20 @@ class Worker:
                 if self.timer.overflowed and not len(self.timer):
                     self.timer.overflowed = False
                     await self._arm_next_due()
-                free = self._settings.max_in_flight - self._in_flight
+                if self._ready_count:
+                    stale = self._take_stale(mono)
+                    if stale:
+                        self._want_claim = True
+                        await self._release(stale, "stale")
+                room = self._claimable()
                 if (
                     self._want_claim
-                    and free > 0
-                    and (retry_due or free >= self._batch or mono >= self._next_claim)
+                    and room > 0
+                    and (retry_due or room >= self._batch or mono >= self._next_claim)
                 ):
-                    await self._claim(free)
+                    await self._claim(room)
                     continue
-                await self._sleep(mono, free)
+                await self._sleep(mono, room)
         finally:
             await self._drain()
 
@@ -195,19 +268,24 @@ class Worker:
         at = self.timer.next_at()
         if at is not None:
             delays.append(self._clock.real_seconds(at - self._clock()))
+        oldest = self._oldest_ready()
+        if oldest is not None:
+            delays.append(oldest + _READY_MAX_AGE + 0.01 - mono)
         timeout = max(min(delays), 0.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _claim(self, free: int) -> None:
-        limit = min(free, self._settings.claim_batch)
+    async def _claim(self, claimable: int) -> None:
+        limit = min(claimable, self._settings.claim_batch)
         saturated: list[UUID] = []
         busy: list[UUID] = []
         room: list[int] = []
         default = self._settings.max_per_endpoint
-        for sid in self._per_subscription.keys() | self._limits.keys():
+        for sid in self._per_subscription.keys() | self._limits.keys() | self._ready.keys():
             cap = min(self._caps.get(sid, default), self._limits.get(sid, default))
-            free_here = cap - self._per_subscription.get(sid, 0)
+            # As much again may wait ready for the endpoint's next free slots.
+            ready = len(self._ready.get(sid, ()))
+            free_here = 2 * cap - self._per_subscription.get(sid, 0) - ready
             if free_here <= 0:
                 saturated.append(sid)
             else:
@@ -216,6 +294,7 @@ class Worker:
         now = self._clock()
         # Consumed before the query: a NOTIFY or a freed slot during the await sets it again.
         self._want_claim = False
+        began = time.perf_counter()
         try:
             rows = await self._pool.fetch(
                 queries.CLAIM,
@@ -234,6 +313,7 @@ class Worker:
             self._want_claim = True
             self._next_claim = asyncio.get_running_loop().time() + 1.0
             return
+        self._metrics.db_seconds.labels("claim").observe(time.perf_counter() - began)
         self._metrics.claims.inc()
         self._metrics.claimed.inc(len(rows))
         # A full batch means more is due: claim again as slots free up, but batch the claims.
@@ -241,24 +321,33 @@ class Worker:
             self._want_claim = True
         self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
         excess: list[int] = []
+        mono = asyncio.get_running_loop().time()
         for row in rows:
             job = self._job(row)
             sid = job.message.subscription_id
             cap = self._cap(sid, job.endpoint)
             self._caps[sid] = cap
-            if self._per_subscription[sid] >= cap:
+            queue = self._ready.get(sid)
+            if queue is None:
+                queue = self._ready[sid] = deque()
+            if self._per_subscription[sid] + len(queue) >= 2 * cap:
                 excess.append(job.message.delivery_id)
                 continue
-            self._start(job)
+            queue.append((mono, job))
+            self._ready_count += 1
+        self._fill()
         if excess:
-            # More than the endpoint may take at once: back to the queue, due now, for
-            # whichever instance has room for it first.
+            # More than the endpoint may take soon: back to the queue, due now, for whichever
+            # instance has room for it first.
             self._want_claim = True
-            try:
-                await self._pool.execute(queries.RELEASE, excess, self.owner, now)
-            except _DB_ERRORS as exc:
-                self._metrics.db_errors.labels("release").inc()
-                log.warning("release.failed", deliveries=len(excess), error=str(exc))
+            await self._release(excess, "excess")
+
+    async def _release(self, deliveries: list[int], why: str) -> None:
+        try:
+            await self._pool.execute(queries.RELEASE, deliveries, self.owner, self._clock())
+        except _DB_ERRORS as exc:
+            self._metrics.db_errors.labels("release").inc()
+            log.warning("release.failed", deliveries=len(deliveries), why=why, error=str(exc))
 
     def _configured_cap(self, endpoint: EndpointSettings | SettingsError) -> int:
         if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
@@ -383,6 +472,7 @@ class Worker:
             email = failure_email(endpoint.email_on, decision.verdict)
             if endpoint.error_rate is not None and decision.verdict is not Verdict.DELIVERED:
                 self._error_limits[job.message.subscription_id] = endpoint.error_rate
+        self._unrecorded += 1
         self.recorder.add(
             Result(
                 job.message.delivery_id,
@@ -401,6 +491,9 @@ class Worker:
             status=outcome.status,
             verdict=decision.verdict.value,
         )
+        # The request is over: its slot (and its endpoint's) is free for the next one.
+        self._release_slot(job.message.subscription_id)
+        self._wake.set()
 
     async def _attempt(self, job: Job) -> tuple[Outcome, bytes | None]:
         """The attempt's outcome and the body it sent (None when nothing was sent)."""
@@ -489,21 +582,26 @@ class Worker:
             self.timer.arm(due.timestamp())
 
     async def _drain(self) -> None:
-        """Let in-flight requests finish within the grace period; release what did not."""
+        """Let in-flight requests finish within the grace period; release what did not, and
+        what was claimed ahead and never started."""
+        self._stopping = True  # also when the loop died: _fill starts nothing more
+        unsent = [job.message.delivery_id for q in self._ready.values() for _, job in q]
+        self._ready.clear()
+        self._ready_count = 0
         tasks = list(self._tasks)
         if tasks:
             log.info(
                 "worker.draining", in_flight=len(tasks), grace_period=self._settings.grace_period
             )
             _, pending = await asyncio.wait(tasks, timeout=self._settings.grace_period)
-            unsent = [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
+            unsent += [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            if unsent:
-                try:
-                    await self._pool.execute(queries.RELEASE, unsent, self.owner, self._clock())
-                    log.info("worker.released", deliveries=len(unsent))
-                except _DB_ERRORS as exc:
-                    log.warning("release.failed", deliveries=len(unsent), error=str(exc))
+        if unsent:
+            try:
+                await self._pool.execute(queries.RELEASE, unsent, self.owner, self._clock())
+                log.info("worker.released", deliveries=len(unsent))
+            except _DB_ERRORS as exc:
+                log.warning("release.failed", deliveries=len(unsent), error=str(exc))
         await self.recorder.flush(give_up_after=self._settings.grace_period)
