@@ -31,6 +31,7 @@ import orjson
 from . import bench_scenarios as sc
 from . import config
 from .app import EMBEDDED_DATABASE, apply_migrations
+from .bench_cpu import postmaster_of
 from .embedded import EmbeddedPostgres
 from .envelope import Message, render
 
@@ -142,6 +143,8 @@ async def run(
             sc.Progress(progress),
         )
         ctx.statements = await sc.statements_ready(conn)
+        ctx.receiver_pid = receiver.pid
+        ctx.postmaster = await postmaster_of(conn)
         results: dict[str, Any] = {}
         chosen = set(plan.scenarios)
         if chosen & {"burn", "steady"}:
@@ -241,6 +244,7 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
         rows += [
             ("ceiling: plain aiohttp client, POST/s", r.ceiling.per_s),
             ("ceiling: client CPU s per POST", r.ceiling.cpu_seconds_per_post),
+            ("ceiling: receiver CPU us per POST", r.ceiling.receiver_cpu_us_per_post),
         ]
     if b := r.burn:
         rows += [
@@ -252,6 +256,10 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             ("burn: SQL statements per delivery", b.statements_per_delivery),
             ("burn: WAL bytes per delivery (incl. publish)", b.wal_bytes_per_delivery),
             ("burn: dispatcher CPU s per delivery", b.cpu_seconds_per_delivery),
+            (
+                "burn: PostgreSQL / receiver CPU us per delivery",
+                f"{b.postgres_cpu_us_per_delivery} / {b.receiver_cpu_us_per_delivery}",
+            ),
             ("burn: mean claim / record statement, ms", f"{b.claim_mean_ms} / {b.record_mean_ms}"),
             (f"burn: mean requests in flight (of {r.plan['concurrency']})", b.mean_in_flight),
             ("burn: peak RSS, MB", b.peak_rss_mb),

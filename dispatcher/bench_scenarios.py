@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import config
 from .app import started
+from .bench_cpu import process_seconds, server_seconds
 from .signing import new_secret
 from .worker import Worker
 
@@ -108,6 +109,14 @@ class Context:
     concurrency: int
     progress: Progress
     statements: bool = True  # pg_stat_statements available
+    receiver_pid: int | None = None
+    postmaster: int | None = None  # the PostgreSQL server's main process, when it runs here
+
+    def other_cpu(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far of the PostgreSQL server and of the receiver (None: unknown)."""
+        server = None if self.postmaster is None else server_seconds(self.postmaster)
+        receiver = None if self.receiver_pid is None else process_seconds(self.receiver_pid)
+        return server, receiver
 
 
 TABLES = ("deliveries", "deliveries_done", "attempts", "events")
@@ -120,6 +129,8 @@ class Costs:
     statements: int | None
     wal_bytes: int
     cpu_seconds: float
+    postgres_cpu_seconds: float | None
+    receiver_cpu_seconds: float | None
     peak_rss_mb: float
     tables_before_kb: dict[str, int]
     tables_after_kb: dict[str, int]
@@ -154,6 +165,7 @@ class Meter:
         self._ctx = ctx
         self._lsn = ""
         self._cpu = 0.0
+        self._others: tuple[float | None, float | None] = (None, None)
         self._tables: dict[str, int] = {}
 
     async def start(self) -> None:
@@ -164,9 +176,11 @@ class Meter:
         # The insert position: with synchronous_commit off, the write position can lag behind.
         self._lsn = await conn.fetchval(TAG + "SELECT pg_current_wal_insert_lsn()::text")
         self._cpu = time.process_time()
+        self._others = self._ctx.other_cpu()
 
     async def stop(self) -> Costs:
         cpu = time.process_time() - self._cpu
+        postgres, receiver = _spent(self._others, self._ctx.other_cpu())
         conn = self._ctx.conn
         wal = await conn.fetchval(
             TAG + "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self._lsn
@@ -182,10 +196,26 @@ class Meter:
             statements=statements,
             wal_bytes=int(wal),
             cpu_seconds=cpu,
+            postgres_cpu_seconds=postgres,
+            receiver_cpu_seconds=receiver,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             tables_before_kb=self._tables,
             tables_after_kb=await table_sizes(conn),
         )
+
+
+def _spent(
+    before: tuple[float | None, float | None], after: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
+    return (
+        None if before[0] is None or after[0] is None else after[0] - before[0],
+        None if before[1] is None or after[1] is None else after[1] - before[1],
+    )
+
+
+def per(total: float | None, count: int) -> float | None:
+    """Microseconds per item."""
+    return None if total is None or count <= 0 else round(total / count * 1e6, 1)
 
 
 def daemon_settings(ctx: Context, *, in_flight: int, per_endpoint: int) -> config.Settings:
@@ -289,6 +319,7 @@ class Ceiling:
     deliveries: int
     per_s: float
     cpu_seconds_per_post: float
+    receiver_cpu_us_per_post: float | None
 
 
 async def ceiling(ctx: Context, body: bytes, count: int) -> Ceiling:
@@ -318,6 +349,7 @@ async def ceiling(ctx: Context, body: bytes, count: int) -> Ceiling:
     async with aiohttp.ClientSession(connector=connector) as session:
         begun = time.perf_counter()
         cpu0 = time.process_time()
+        receiver0 = ctx.other_cpu()[1]
         shown = asyncio.create_task(report())
         try:
             await asyncio.gather(*(worker(session) for _ in range(ctx.concurrency)))
@@ -325,8 +357,10 @@ async def ceiling(ctx: Context, body: bytes, count: int) -> Ceiling:
             shown.cancel()
         elapsed = time.perf_counter() - begun
         cpu = time.process_time() - cpu0
+        receiver1 = ctx.other_cpu()[1]
     ctx.progress.done()
-    return Ceiling(count, round(count / elapsed, 1), round(cpu / count, 6))
+    receiver = None if receiver0 is None or receiver1 is None else receiver1 - receiver0
+    return Ceiling(count, round(count / elapsed, 1), round(cpu / count, 6), per(receiver, count))
 
 
 # Scenarios --------------------------------------------------------------------------------------
@@ -345,6 +379,8 @@ class Burn:
     statements_per_delivery: float | None
     wal_bytes_per_delivery: float
     cpu_seconds_per_delivery: float
+    postgres_cpu_us_per_delivery: float | None
+    receiver_cpu_us_per_delivery: float | None
     peak_rss_mb: float
     tables_before_kb: dict[str, int]
     tables_after_kb: dict[str, int]
@@ -395,6 +431,8 @@ async def burn(ctx: Context, count: int, ceiling_per_s: float) -> Burn:
         ),
         wal_bytes_per_delivery=round(costs.wal_bytes / count, 1),
         cpu_seconds_per_delivery=round(costs.cpu_seconds / count, 6),
+        postgres_cpu_us_per_delivery=per(costs.postgres_cpu_seconds, count),
+        receiver_cpu_us_per_delivery=per(costs.receiver_cpu_seconds, count),
         peak_rss_mb=round(costs.peak_rss_mb, 1),
         tables_before_kb=costs.tables_before_kb,
         tables_after_kb=costs.tables_after_kb,

@@ -38,10 +38,16 @@ WHERE d.id = due.id
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.url, s.secret, s.profile, s.settings::text AS settings, s.auth::text AS auth,
-          s.updated_at,
-          CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret END
-              AS previous_secret
+          s.updated_at
+"""
+
+# What the daemon caches of a subscription, by (id, updated_at): read when a claim returns
+# a version it has not seen (sql/0006 moves updated_at on every change).
+SUBSCRIPTIONS = """
+SELECT id, updated_at, url, secret, profile, settings::text AS settings, auth::text AS auth,
+       previous_secret, extract(epoch FROM previous_secret_expires_at)::float8 AS previous_until
+FROM dispatcher.subscriptions
+WHERE id = ANY($1::uuid[])
 """
 
 # Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from dataclasses import dataclass, field
@@ -61,3 +62,46 @@ class WakeTimer:
             heapq.heappop(self._heap)
             due += 1
         return due
+
+
+class Wakeup:
+    """What the dispatch loop sleeps on: set() wakes it, or its deadline passes.
+
+    Cheaper than asyncio.wait_for(event.wait(), timeout), which makes a task and a timer
+    for every sleep, and the loop may sleep once per request.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, timeout: float) -> None:
+        """Return once set (at once if it is) or after `timeout` seconds."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

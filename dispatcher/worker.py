@@ -7,7 +7,6 @@ a freed send slot while a backlog waits, the safety poll, or stop. It never busy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import Counter, deque
@@ -35,7 +34,7 @@ from .profiles import (
     resolve,
 )
 from .record import Recorder, Result
-from .schedule import Clock, WakeTimer
+from .schedule import Clock, WakeTimer, Wakeup
 from .send import Sender
 from .signing import SIGNERS, auth_headers
 
@@ -51,12 +50,24 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """What is the same for every request to one subscription version, worked out once:
-    its settings, its constant headers (content type, user agent, receiver auth) and
-    whether its URL is refused."""
+    where it goes, its secrets, its settings, its constant headers (content type, user
+    agent, receiver auth) and whether its URL is refused."""
 
+    url: str
+    secret: str
+    # The secret before a rotation signs too until `previous_until` (unix seconds).
+    previous_secret: str | None
+    previous_until: float | None
     settings: EndpointSettings | SettingsError
     headers: dict[str, str]
     blocked: str | None
+
+    def secrets(self, now: float) -> list[str]:
+        """The current signing secret first, then the previous one while it is valid."""
+        previous = self.previous_secret
+        if previous and self.previous_until is not None and self.previous_until > now:
+            return [self.secret, previous]
+        return [self.secret]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +126,9 @@ class Worker:
             max_batch=min(settings.flush_max, self._batch),
             on_flushed=self._recorded,
         )
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
+        # Whether the loop's sleep ends in time for its next claim (else a freed slot wakes it).
+        self._sleep_claims = False
         self._stopping = False
         self._want_claim = True
         self._next_claim = 0.0
@@ -160,7 +173,20 @@ class Worker:
         self._unrecorded -= len(results)
         if self._ready_count:
             self._fill()
-        self._wake.set()
+        if any(r.decision.next_at is not None for r in results):
+            self._wake.set()  # retries were armed: the loop may have to wake sooner
+        else:
+            self._maybe_wake()
+
+    def _maybe_wake(self) -> None:
+        """After a request or a write, wake the loop only if it would now claim: a batch's
+        room, or any room when its sleep does not end in time for a claim. (Otherwise its own
+        deadline, which counts the next claim, the timer and the poll, wakes it.)"""
+        if self._wake.is_set() or not self._want_claim:
+            return
+        room = self._claimable()
+        if room >= self._batch or (room > 0 and not self._sleep_claims):
+            self._wake.set()
 
     def _claimable(self) -> int:
         """How many deliveries a claim may take: the free slots (see _recorded) plus a batch
@@ -271,9 +297,8 @@ class Worker:
         oldest = self._oldest_ready()
         if oldest is not None:
             delays.append(oldest + _READY_MAX_AGE + 0.01 - mono)
-        timeout = max(min(delays), 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._sleep_claims = self._want_claim and free > 0
+        await self._wake.wait(max(min(delays), 0.0))
 
     async def _claim(self, claimable: int) -> None:
         limit = min(claimable, self._settings.claim_batch)
@@ -322,8 +347,14 @@ class Worker:
         self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
         excess: list[int] = []
         mono = asyncio.get_running_loop().time()
+        endpoints = await self._endpoints_of(rows)
+        wall = time.time()
         for row in rows:
-            job = self._job(row)
+            endpoint = endpoints.get(row["subscription_id"])
+            if endpoint is None:
+                # Deleted since the claim (its deliveries went with it).
+                continue
+            job = self._job(row, endpoint, wall)
             sid = job.message.subscription_id
             cap = self._cap(sid, job.endpoint)
             self._caps[sid] = cap
@@ -378,14 +409,38 @@ class Worker:
             else:
                 self._limits[sid] = current + 1
 
-    def _job(self, row: asyncpg.Record) -> Job:
-        key = (row["subscription_id"], row["updated_at"])
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoint(row)
-            if len(self._endpoints) > 10_000:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
+    async def _endpoints_of(self, rows: list[asyncpg.Record]) -> dict[UUID, Endpoint]:
+        """Each claimed subscription's Endpoint: from the cache, and the versions it does not
+        hold yet read in one statement."""
+        found: dict[UUID, Endpoint] = {}
+        missing: set[UUID] = set()
+        for row in rows:
+            sid = row["subscription_id"]
+            if sid in found or sid in missing:
+                continue
+            endpoint = self._endpoints.get((sid, row["updated_at"]))
+            if endpoint is None:
+                missing.add(sid)
+            else:
+                found[sid] = endpoint
+        if not missing:
+            return found
+        try:
+            subscriptions = await self._pool.fetch(queries.SUBSCRIPTIONS, list(missing))
+        except _DB_ERRORS as exc:
+            # The claimed rows keep their lease and come back when it ends.
+            self._metrics.db_errors.labels("subscriptions").inc()
+            log.warning("subscriptions.failed", error=str(exc))
+            return found
+        if len(self._endpoints) > 10_000:
+            self._endpoints.clear()
+        for sub in subscriptions:
+            endpoint = self._endpoint(sub)
+            self._endpoints[sub["id"], sub["updated_at"]] = endpoint
+            found[sub["id"]] = endpoint
+        return found
+
+    def _job(self, row: asyncpg.Record, endpoint: Endpoint, now: float) -> Job:
         return Job(
             message=Message(
                 delivery_id=row["id"],
@@ -398,8 +453,8 @@ class Worker:
                 payload=row["payload"],
             ),
             attempt=row["attempts"] + 1,
-            url=row["url"],
-            secrets=[row["secret"]] + ([row["previous_secret"]] if row["previous_secret"] else []),
+            url=endpoint.url,
+            secrets=endpoint.secrets(now),
             endpoint=endpoint.settings,
             headers=endpoint.headers,
             blocked=endpoint.blocked,
@@ -424,7 +479,15 @@ class Worker:
             )
         except URLRejectedError as exc:
             blocked = str(exc)
-        return Endpoint(settings, headers, blocked)
+        return Endpoint(
+            url=row["url"],
+            secret=row["secret"],
+            previous_secret=row["previous_secret"],
+            previous_until=row["previous_until"],
+            settings=settings,
+            headers=headers,
+            blocked=blocked,
+        )
 
     def _resolve(self, profile: str, settings: str) -> EndpointSettings | SettingsError:
         try:
@@ -493,7 +556,7 @@ class Worker:
         )
         # The request is over: its slot (and its endpoint's) is free for the next one.
         self._release_slot(job.message.subscription_id)
-        self._wake.set()
+        self._maybe_wake()
 
     async def _attempt(self, job: Job) -> tuple[Outcome, bytes | None]:
         """The attempt's outcome and the body it sent (None when nothing was sent)."""

@@ -3,6 +3,8 @@ measured, not asserted here)."""
 
 from __future__ import annotations
 
+import os
+
 import orjson
 
 from dispatcher import bench, config
@@ -34,6 +36,17 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert 0 < burn.statements_per_delivery < 1
     assert burn.wal_bytes_per_delivery > 0
     assert burn.cpu_seconds_per_delivery > 0
+    assert report.ceiling.receiver_cpu_us_per_post is not None
+    assert report.ceiling.receiver_cpu_us_per_post > 0
+    assert burn.receiver_cpu_us_per_delivery is not None
+    assert burn.receiver_cpu_us_per_delivery > 0
+    if not os.environ.get("DISPATCHER_TEST_DATABASE_URL"):
+        # The embedded server runs here: its CPU is read from /proc.
+        assert burn.postgres_cpu_us_per_delivery is not None
+        assert burn.postgres_cpu_us_per_delivery > 0
+    assert burn.mean_in_flight > 0
+    assert burn.claim_mean_ms is not None
+    assert burn.record_mean_ms is not None
     assert burn.lag_p50_ms is not None
     assert burn.lag_p99_ms is not None
     assert 0 <= burn.lag_p50_ms <= burn.lag_p99_ms

@@ -262,3 +262,29 @@ async def test_an_endpoint_that_times_out_is_throttled_to_few_slots(
     later = arrivals[8:12]
     gaps_ = [b - a for a, b in itertools.pairwise(later)]
     assert all(gap >= 0.3 for gap in gaps_), gaps_
+
+
+async def test_a_subscription_changed_by_hand_in_sql_is_sent_with_its_new_url_and_secret(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    # The daemon caches a subscription by (id, updated_at); an UPDATE that names no
+    # updated_at must still move it (sql/0006), or the old URL and secret would stay in use.
+    sid = await subscribe(db, receiver.url("/old"))
+    async with daemon(settings_for(database)):
+        await publish(db)
+        await wait_done(db, 1)
+        before = await db.fetchval("SELECT updated_at FROM dispatcher.subscriptions")
+        await db.execute(
+            "UPDATE dispatcher.subscriptions SET url = $2, secret = $3 WHERE id = $1",
+            sid,
+            receiver.url("/new"),
+            "whsec_" + "bmV3LXNlY3JldC1mb3ItdGhlLXRlc3Q=",
+        )
+        assert await db.fetchval("SELECT updated_at FROM dispatcher.subscriptions") > before
+        await publish(db)
+        await wait_done(db, 2)
+    [old] = receiver.at("/old")
+    [new] = receiver.at("/new")
+    assert verify_standard(SECRET, old.headers, old.body)
+    assert not verify_standard(SECRET, new.headers, new.body)
+    assert verify_standard("whsec_bmV3LXNlY3JldC1mb3ItdGhlLXRlc3Q=", new.headers, new.body)
