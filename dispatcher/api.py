@@ -135,7 +135,21 @@ async def body(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}", "body") from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", "request body must be a JSON object", "body")
+    for key, value in data.items():
+        if "\x00" in key or _holds_nul(value):
+            # PostgreSQL text and jsonb cannot store it: refuse it here, by name.
+            raise invalid(key, "must not contain the NUL character (\\u0000)")
     return data
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def environment_for(request: web.Request, requested: Any) -> str:

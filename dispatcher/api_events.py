@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 
@@ -53,19 +52,17 @@ async def publish(request: web.Request) -> web.Response:
     data, environment, name = await _target(request, FIELDS)
     if "payload" not in data:
         raise invalid("payload", "required: the event's JSON")
-    try:
-        async with state(request).pool.acquire() as conn, conn.transaction():
-            event_id = await conn.fetchval(
-                PUBLISH,
-                environment,
-                name,
-                orjson.dumps(data["payload"]).decode(),
-                _optional_text(data, "entity_instance_id"),
-                _optional_text(data, "idempotency_key"),
-            )
-            row = await conn.fetchrow(PUBLISHED, event_id)
-    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
-        raise invalid("payload", "contains a character PostgreSQL cannot store (\\u0000)") from None
+    # body() has refused NUL characters, which text and jsonb cannot store.
+    async with state(request).pool.acquire() as conn, conn.transaction():
+        event_id = await conn.fetchval(
+            PUBLISH,
+            environment,
+            name,
+            orjson.dumps(data["payload"]).decode(),
+            _optional_text(data, "entity_instance_id"),
+            _optional_text(data, "idempotency_key"),
+        )
+        row = await conn.fetchrow(PUBLISHED, event_id)
     return json_response(
         {
             "id": row["id"],
@@ -89,12 +86,9 @@ async def publish_import(request: web.Request) -> web.Response:
     entities = data.get("entities")
     if not isinstance(entities, list) or not 1 <= len(entities) <= 100_000:
         raise invalid("entities", "must be a list of 1 to 100000 entities")
-    try:
-        events = await state(request).pool.fetchval(
-            IMPORT, environment, name, orjson.dumps(entities).decode()
-        )
-    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
-        raise invalid("entities", "contains a character PostgreSQL cannot store") from None
+    events = await state(request).pool.fetchval(
+        IMPORT, environment, name, orjson.dumps(entities).decode()
+    )
     return json_response({"events": events, "entities": len(entities)}, 201)
 
 

@@ -1,4 +1,4 @@
-"""The composition root: database, migrations, pool, HTTP session, listener, worker, admin port.
+"""The composition root: database, migrations, pool, HTTP client, listener, worker, admin port.
 
 Everything is opened in one AsyncExitStack, so the order of opening is the reverse of the
 order of closing. Signals only set the stop event.
@@ -25,7 +25,7 @@ from .listen import Listener
 from .mailer import Mailer
 from .metrics import Metrics
 from .schedule import Clock
-from .send import Sender, client_session
+from .send import Sender, http_client
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -113,14 +113,12 @@ async def serve(
             reset=_keep_session,
         )
         stack.push_async_callback(pool.close)
-        session = await stack.enter_async_context(
-            client_session(
-                settings.delivery.max_in_flight, settings.security.allow_private_networks
-            )
+        client = await stack.enter_async_context(
+            http_client(settings.security.allow_private_networks)
         )
         metrics = Metrics()
         sender = Sender(
-            session,
+            client,
             settings.delivery.response_capture_bytes,
             clock,
             allow_http=settings.security.allow_http,

@@ -7,13 +7,17 @@ HTTP client's resolver for names, so the connection goes to the address that was
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+Address = tuple[socket.AddressFamily, str]
+# loop.getaddrinfo's shape, for a resolver that must not ask the network (tests).
+Lookup = Callable[..., Awaitable[list[tuple[Any, Any, Any, Any, tuple[Any, ...]]]]]
 
 
 class BlockedAddressError(OSError):
@@ -65,23 +69,47 @@ def check_url(url: str, *, allow_http: bool, allow_private: bool) -> None:
         )
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves with the default resolver, then drops every non-public address."""
+class GuardedResolver:
+    """Resolves names (results cached for a minute), then drops every non-public address.
 
-    def __init__(self, allow_private: bool) -> None:
-        self._inner = DefaultResolver()
+    Literal addresses pass through unresolved: check_url has judged them already.
+    """
+
+    TTL = 60.0
+
+    def __init__(self, allow_private: bool, lookup: Lookup | None = None) -> None:
         self._allow_private = allow_private
+        self._lookup = lookup
+        self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        if self._allow_private:
-            return results
-        allowed = [r for r in results if is_public(r["host"])]
-        if not allowed:
-            raise BlockedAddressError(f"{host} resolves only to non-public addresses")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
+    async def resolve(self, host: str, port: int) -> list[Address]:
+        """(family, address) pairs to connect to, in the resolver's order; socket.gaierror when
+        the name does not resolve, BlockedAddressError when it resolves only to addresses we
+        may not send to."""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+            return [(family, host)]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        lookup = self._lookup or loop.getaddrinfo
+        infos = await lookup(host, port, type=socket.SOCK_STREAM)
+        addresses: list[Address] = []
+        for family, _, _, _, sockaddr in infos:
+            entry = (socket.AddressFamily(family), str(sockaddr[0]))
+            if entry not in addresses:
+                addresses.append(entry)
+        if not self._allow_private:
+            addresses = [a for a in addresses if is_public(a[1])]
+            if not addresses:
+                raise BlockedAddressError(f"{host} resolves only to non-public addresses")
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[(host, port)] = (now + self.TTL, addresses)
+        return addresses

@@ -7,78 +7,47 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import aiohttp
 from yarl import URL
 
-from .netguard import BlockedAddressError, GuardedResolver, URLRejectedError, check_url
+from . import http1
+from .netguard import BlockedAddressError, URLRejectedError, check_url
 from .policy import ErrorKind, Outcome
 from .profiles import EndpointSettings
 
 Clock = Callable[[], float]
-_NO_CEILING = 1e9
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @asynccontextmanager
-async def client_session(
-    max_connections: int, allow_private: bool
-) -> AsyncIterator[aiohttp.ClientSession]:
-    """The one ClientSession of the daemon; its resolver refuses non-public addresses."""
-    connector = aiohttp.TCPConnector(
-        limit=max_connections,
-        limit_per_host=0,
-        ttl_dns_cache=60,
-        resolver=GuardedResolver(allow_private),
-        enable_cleanup_closed=False,
-    )
-    async with aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # No skip_auto_headers: aiohttp rebuilds a header set from it on every request
-        # (about 5% of a delivery's CPU); Sender.post sets both headers itself instead.
-        raise_for_status=False,
-    ) as session:
-        yield session
+async def http_client(allow_private: bool) -> AsyncIterator[http1.Client]:
+    """The one HTTP client of the daemon; its resolver refuses non-public addresses."""
+    client = http1.Client(allow_private)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 class Sender:
     """Posts bodies and follows redirects itself: each redirect target passes the same
-    check as a subscription URL before it is requested (the connector never asks the
-    resolver about a literal IP, so a redirect to http://169.254.169.254/ would otherwise
-    bypass the SSRF guard)."""
+    check as a subscription URL before it is requested (a literal IP is never asked of a
+    resolver, so a redirect to http://169.254.169.254/ would otherwise bypass the SSRF
+    guard)."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: http1.Client,
         capture_bytes: int,
         clock: Clock,
         *,
         allow_http: bool,
         allow_private: bool,
     ) -> None:
-        self._session = session
+        self._client = client
         self._capture = capture_bytes
         self._clock = clock
         self._allow_http = allow_http
         self._allow_private = allow_private
-        # One ClientTimeout per distinct setting, not one per request.
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, endpoint: EndpointSettings) -> aiohttp.ClientTimeout:
-        key = (endpoint.timeout, endpoint.connect_timeout)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            if len(self._timeouts) > 1000:
-                self._timeouts.clear()
-            # aiohttp rounds timeouts of 5 s and more up to the next whole second;
-            # "an answer slower than 5 s fails" must mean 5 s.
-            timeout = aiohttp.ClientTimeout(
-                total=endpoint.timeout,
-                connect=endpoint.connect_timeout,
-                ceil_threshold=_NO_CEILING,
-            )
-            self._timeouts[key] = timeout
-        return timeout
 
     async def post(
         self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
@@ -97,7 +66,7 @@ class Sender:
         error: ErrorKind | None = None
         detail = ""
         try:
-            status, excerpt = await self._exchange(url, body, headers, endpoint, t0)
+            status, excerpt = await self._exchange(url, body, headers, endpoint)
         except Exception as exc:  # every failure of the exchange becomes an outcome
             status = None
             error, detail = classify(exc)
@@ -112,60 +81,38 @@ class Sender:
         )
 
     async def _exchange(
-        self,
-        url: str,
-        body: bytes,
-        headers: dict[str, str],
-        endpoint: EndpointSettings,
-        t0: float,
+        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
     ) -> tuple[int, str]:
         """The request and the redirects it is allowed to follow, within one total timeout."""
-        method, target = "POST", url
+        method = "POST"
         data: bytes | None = body
-        timeout = self._timeout(endpoint)
+        target = self._client.target(url)
+        deadline = asyncio.get_running_loop().time() + endpoint.timeout
         for hop in range(endpoint.max_redirects + 1):
-            async with self._session.request(
+            response = await self._client.request(
                 method,
                 target,
-                data=data,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-                ssl=bool(endpoint.verify_tls),
-            ) as response:
-                location = response.headers.get("Location")
-                if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
-                    return response.status, await self._read_capped(response)
-                if hop == endpoint.max_redirects:
-                    raise aiohttp.TooManyRedirects(response.request_info, response.history)
-                target = str(response.url.join(URL(location)))
-                response.close()
-            check_url(target, allow_http=self._allow_http, allow_private=self._allow_private)
-            if response.status in (301, 302, 303):
-                # As browsers and aiohttp do: the body is not sent again to the new place.
-                method, data = "GET", None
-            remaining = endpoint.timeout - (time.perf_counter() - t0)
-            if remaining <= 0:
-                raise TimeoutError("redirects took the whole timeout")
-            timeout = aiohttp.ClientTimeout(
-                total=remaining, connect=endpoint.connect_timeout, ceil_threshold=_NO_CEILING
+                headers,
+                data,
+                deadline=deadline,
+                connect_timeout=endpoint.connect_timeout,
+                verify_tls=endpoint.verify_tls,
+                capture=self._capture,
             )
+            location = response.location
+            if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
+                return response.status, _storable(response.body.decode("utf-8", "replace"))
+            if hop == endpoint.max_redirects:
+                raise http1.TooManyRedirectsError(
+                    f"more than {endpoint.max_redirects} redirects (last to {location})"
+                )
+            next_url = str(target.url.join(URL(location)))
+            check_url(next_url, allow_http=self._allow_http, allow_private=self._allow_private)
+            target = self._client.target(next_url)
+            if response.status in (301, 302, 303):
+                # As browsers do: the body is not sent again to the new place.
+                method, data = "GET", None
         raise AssertionError("unreachable: the loop returns or raises")
-
-    async def _read_capped(self, response: aiohttp.ClientResponse) -> str:
-        """At most `capture_bytes` of the body; the rest is never read (memory stays bounded)."""
-        chunks: list[bytes] = []
-        remaining = self._capture
-        while remaining > 0:
-            chunk = await response.content.read(remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        if not response.content.at_eof():
-            # An unread remainder would make aiohttp drain it to reuse the connection.
-            response.close()
-        return _storable(b"".join(chunks).decode("utf-8", errors="replace"))
 
 
 def _storable(text: str) -> str:
@@ -175,22 +122,24 @@ def _storable(text: str) -> str:
 
 
 def classify(exc: BaseException) -> tuple[ErrorKind, str]:
-    """Map a client exception to an ErrorKind and a short description."""
+    """Map a failed exchange's exception to an ErrorKind and a short description."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return ErrorKind.TIMEOUT, detail
     if isinstance(exc, URLRejectedError):  # a redirect to a destination we may not send to
         return ErrorKind.BLOCKED, f"redirect {exc}"
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, BlockedAddressError):
+        return ErrorKind.BLOCKED, str(exc)
+    if isinstance(exc, http1.TLSError):
         return ErrorKind.TLS, detail
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(exc.os_error, BlockedAddressError):
-            return ErrorKind.BLOCKED, str(exc.os_error)
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return ErrorKind.DNS, detail
+    if isinstance(exc, http1.DNSError):
+        return ErrorKind.DNS, detail
+    if isinstance(exc, http1.ConnectError):
         return ErrorKind.CONNECT, detail
-    if isinstance(exc, aiohttp.TooManyRedirects):
+    if isinstance(exc, http1.InvalidHeaderError):
+        return ErrorKind.SETTINGS, detail
+    if isinstance(exc, http1.TooManyRedirectsError):
         return ErrorKind.REDIRECTS, detail
-    if isinstance(exc, aiohttp.InvalidURL | ValueError):
+    if isinstance(exc, ValueError):
         return ErrorKind.INVALID_URL, detail
     return ErrorKind.NETWORK, detail

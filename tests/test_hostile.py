@@ -14,24 +14,25 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 import trustme
 from aiohttp import web
-from aiohttp.client_reqrep import ConnectionKey
 
+from dispatcher import http1
 from dispatcher.netguard import (
     BlockedAddressError,
     GuardedResolver,
+    Lookup,
     URLRejectedError,
     check_url,
     is_public,
 )
 from dispatcher.policy import ErrorKind, Outcome, Verdict, decide
 from dispatcher.profiles import resolve
-from dispatcher.send import Sender, classify, client_session
+from dispatcher.send import Sender, classify, http_client
 
 from .helpers import (
     Receiver,
@@ -265,8 +266,8 @@ async def test_a_redirect_to_a_private_address_is_refused_when_private_networks_
     # the redirect names a literal address, which the connector never sends to a resolver.
     receiver.plan("/first", then=redirect_to(receiver.url("/second")))
     endpoint = resolve("tillhub", {})
-    async with client_session(4, allow_private=False) as session:
-        outcome = await Sender(session, 100, time.time, allow_http=True, allow_private=False).post(
+    async with http_client(allow_private=False) as client:
+        outcome = await Sender(client, 100, time.time, allow_http=True, allow_private=False).post(
             receiver.url("/first"), b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED, outcome
@@ -331,8 +332,8 @@ async def test_a_redirect_from_https_to_plain_http_is_refused_when_http_is_not_a
 ) -> None:
     untrusted_tls.plan("/hook", then=redirect_to(receiver.url("/plain")))
     endpoint = resolve("tillhub", {"verify_tls": False})
-    async with client_session(4, allow_private=True) as session:
-        outcome = await Sender(session, 100, time.time, allow_http=False, allow_private=True).post(
+    async with http_client(allow_private=True) as client:
+        outcome = await Sender(client, 100, time.time, allow_http=False, allow_private=True).post(
             untrusted_tls.url(), b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED, outcome
@@ -378,29 +379,55 @@ async def test_a_connection_reset_is_a_network_error_and_retried(
 # -- classification of what loopback cannot produce -------------------------------------
 
 
-def _key(host: str) -> ConnectionKey:
-    return ConnectionKey(host, 443, True, True, None, None, None)
+def failing_lookup(error: OSError) -> Lookup:
+    """A resolver answer loopback cannot give: this lookup fails as a DNS server would."""
+
+    async def lookup(host: str, port: int, **_: object) -> list[Any]:
+        raise error
+
+    return lookup
 
 
-def test_a_dns_failure_is_classified_as_dns_and_retried_by_tillhub() -> None:
-    exc = aiohttp.ClientConnectorDNSError(
-        _key("nowhere.invalid"), OSError(socket.EAI_NONAME, "Name or service not known")
-    )
-    kind, detail = classify(exc)
-    assert kind is ErrorKind.DNS
-    assert "nowhere.invalid" in detail
-    outcome = Outcome(started_at=1000.0, duration=0.1, error=kind, detail=detail)
-    assert decide(resolve("tillhub", {}).policy, 1, outcome, 1000.0).verdict is Verdict.RETRY
+def fixed_lookup(address: str) -> Lookup:
+    """A name that resolves to `address`, as a public DNS server could answer."""
+
+    async def lookup(host: str, port: int, **_: object) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    return lookup
 
 
-def test_a_name_resolving_only_to_private_addresses_is_blocked_not_retried() -> None:
-    exc = aiohttp.ClientConnectorDNSError(
-        _key("internal.example"), BlockedAddressError("internal.example resolves only to ...")
-    )
-    kind, _ = classify(exc)
-    assert kind is ErrorKind.BLOCKED
-    outcome = Outcome(started_at=1000.0, duration=0.1, error=kind)
-    assert decide(resolve("tillhub", {}).policy, 1, outcome, 1000.0).verdict is Verdict.FAILED
+async def post_through(client: http1.Client, url: str) -> Outcome:
+    sender = Sender(client, 100, time.time, allow_http=True, allow_private=False)
+    return await sender.post(url, b"{}", {}, resolve("tillhub", {}))
+
+
+async def test_a_dns_failure_is_classified_as_dns_and_retried_by_tillhub() -> None:
+    error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    client = http1.Client(allow_private=False, lookup=failing_lookup(error))
+    try:
+        outcome = await post_through(client, "https://nowhere.invalid/hook")
+    finally:
+        await client.close()
+    assert outcome.error is ErrorKind.DNS, outcome
+    assert "nowhere.invalid" in outcome.detail
+    created = outcome.started_at
+    assert decide(resolve("tillhub", {}).policy, 1, outcome, created).verdict is Verdict.RETRY
+
+
+async def test_a_name_resolving_only_to_private_addresses_is_blocked_not_retried(
+    receiver: Receiver,
+) -> None:
+    client = http1.Client(allow_private=False, lookup=fixed_lookup("127.0.0.1"))
+    try:
+        outcome = await post_through(client, f"http://internal.example:{receiver.port}/hook")
+    finally:
+        await client.close()
+    assert outcome.error is ErrorKind.BLOCKED, outcome
+    assert "internal.example resolves only to non-public" in outcome.detail
+    assert receiver.requests == []
+    created = outcome.started_at
+    assert decide(resolve("tillhub", {}).policy, 1, outcome, created).verdict is Verdict.FAILED
 
 
 def test_a_refused_redirect_is_classified_as_blocked() -> None:
@@ -499,27 +526,19 @@ def test_check_url_accepts_public_https_and_what_the_configuration_allows() -> N
 async def test_the_guarded_resolver_refuses_a_name_that_resolves_to_loopback() -> None:
     # localhost comes from /etc/hosts: no DNS query leaves the machine.
     guarded = GuardedResolver(allow_private=False)
-    try:
-        with pytest.raises(BlockedAddressError, match="localhost"):
-            await guarded.resolve("localhost", 443, socket.AF_UNSPEC)
-    finally:
-        await guarded.close()
-    allowed = GuardedResolver(allow_private=True)
-    try:
-        results = await allowed.resolve("localhost", 443, socket.AF_UNSPEC)
-    finally:
-        await allowed.close()
+    with pytest.raises(BlockedAddressError, match="localhost"):
+        await guarded.resolve("localhost", 443)
+    results = await GuardedResolver(allow_private=True).resolve("localhost", 443)
     assert results
-    assert {r["host"] for r in results} <= {"127.0.0.1", "::1"}
-    assert all(r["port"] == 443 for r in results)
+    assert {address for _, address in results} <= {"127.0.0.1", "::1"}
 
 
 async def test_the_http_client_refuses_a_name_for_loopback_before_connecting(
     receiver: Receiver,
 ) -> None:
     endpoint = resolve("standard", {})
-    async with client_session(4, allow_private=False) as session:
-        outcome = await Sender(session, 100, time.time, allow_http=True, allow_private=False).post(
+    async with http_client(allow_private=False) as client:
+        outcome = await Sender(client, 100, time.time, allow_http=True, allow_private=False).post(
             f"http://localhost:{receiver.port}/hook", b"{}", {}, endpoint
         )
     assert outcome.error is ErrorKind.BLOCKED
