@@ -47,7 +47,7 @@ class Plan:
     deliveries: int = 50_000  # the burn-down's backlog (and the ceiling's POSTs)
     concurrency: int = 256
     steady_seconds: float = 10.0
-    faulty_deliveries: int = 10_000
+    faulty_deliveries: int = 20_000
     faulty_endpoints: int = 100
     retry_deliveries: int = 2_000
     memory_pending: int = 1_000_000
@@ -147,10 +147,17 @@ async def run(
         ctx.postmaster = await postmaster_of(conn)
         results: dict[str, Any] = {}
         chosen = set(plan.scenarios)
-        if chosen & {"burn", "steady"}:
-            results["ceiling"] = await sc.ceiling(ctx, _body(), plan.deliveries)
         if "burn" in chosen:
-            results["burn"] = await sc.burn(ctx, plan.deliveries, results["ceiling"].per_s)
+            half = max(1, plan.deliveries // 2)
+            before = await sc.ceiling(ctx, _body(), half)
+            burn = await sc.burn(ctx, plan.deliveries)
+            after = await sc.ceiling(ctx, _body(), max(1, plan.deliveries - half))
+            results["ceiling"] = sc.both_sides(before, after)
+            results["burn"] = replace(
+                burn, ratio_to_ceiling=round(burn.per_s / results["ceiling"].per_s, 3)
+            )
+        elif "steady" in chosen:
+            results["ceiling"] = await sc.ceiling(ctx, _body(), plan.deliveries)
         if "steady" in chosen:
             rate = results["ceiling"].per_s / 2
             results["steady"] = await sc.steady(ctx, rate, plan.steady_seconds)
@@ -243,6 +250,10 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
     if r.ceiling:
         rows += [
             ("ceiling: plain aiohttp client, POST/s", r.ceiling.per_s),
+            (
+                "ceiling: before / after the burn-down, POST/s",
+                " / ".join(f"{v:g}" for v in r.ceiling.halves_per_s) or "-",
+            ),
             ("ceiling: client CPU s per POST", r.ceiling.cpu_seconds_per_post),
             ("ceiling: receiver CPU us per POST", r.ceiling.receiver_cpu_us_per_post),
         ]
@@ -287,8 +298,14 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
                 "faulty: endpoints (failing / hanging)",
                 f"{f.endpoints} ({f.failing_endpoints} / {f.hanging_endpoints})",
             ),
-            ("faulty: all-healthy run, deliveries/s", f.healthy_run_per_s),
-            ("faulty: healthy endpoints' deliveries/s", f.faulty_run_healthy_per_s),
+            (
+                "faulty: endpoints healthy in both runs, deliveries/s (all-healthy run)",
+                f.healthy_run_per_s,
+            ),
+            (
+                "faulty: endpoints healthy in both runs, deliveries/s (faulty run)",
+                f.faulty_run_healthy_per_s,
+            ),
             ("faulty: ratio", f.ratio),
             ("faulty: answered 500 / timed out", f"{f.answered_500} / {f.timed_out}"),
         ]

@@ -2,8 +2,8 @@
 
 # Claim up to $2 due deliveries for lease owner $5, at most a per-subscription share each:
 # $6/$7 give the room left for subscriptions this instance already sends to, others get
-# their "max_in_flight" setting or the default $8; subscriptions with no room are
-# skipped ($4). Rows other instances hold are skipped too. The lease is the due time
+# $8 (a new endpoint's slow start) or their lower "max_in_flight"; subscriptions with no
+# room are skipped ($4). Rows other instances hold are skipped too. The lease is the due time
 # itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due again with
 # no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the retry times.
 CLAIM = """
@@ -22,7 +22,7 @@ WITH candidates AS (
     JOIN dispatcher.subscriptions s ON s.id = c.subscription_id
     LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
       ON room.subscription_id = c.subscription_id
-    WHERE c.rank <= coalesce(room.free, (s.settings->>'max_in_flight')::int, $8::int)
+    WHERE c.rank <= coalesce(room.free, least((s.settings->>'max_in_flight')::int, $8::int))
 ), due AS (
     SELECT d.id FROM dispatcher.deliveries d
     WHERE d.id IN (SELECT id FROM shared) AND d.due_at <= to_timestamp($1::float8)

@@ -45,6 +45,8 @@ _STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
 # (well inside any lease, which is longer than the request timeout plus 5 s).
 _READY_MAX_AGE = 2.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# Requests a new endpoint may have in flight before its first answers raise the cap.
+_SLOW_START = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +143,10 @@ class Worker:
         # once instead of idling for a claim's round trip. At most a batch of them.
         self._ready: dict[UUID, deque[tuple[float, Job]]] = {}
         self._ready_count = 0
-        # Lowered concurrency caps of endpoints that are struggling (see _adapt).
+        # Lowered concurrency caps of endpoints that are struggling or new (see _adapt, _cap),
+        # and the endpoints that have earned their configured cap.
         self._limits: dict[UUID, int] = {}
+        self._proven: set[UUID] = set()
         self._tasks: dict[asyncio.Task[None], Job] = {}
         self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
@@ -330,7 +334,8 @@ class Worker:
                 self.owner,
                 busy,
                 room,
-                self._settings.max_per_endpoint,
+                # As much as a new endpoint's slow start lets run and wait ready.
+                2 * min(self._settings.max_per_endpoint, _SLOW_START),
             )
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -386,9 +391,18 @@ class Worker:
         return self._settings.max_per_endpoint
 
     def _cap(self, sid: UUID, endpoint: EndpointSettings | SettingsError) -> int:
-        """The configured cap, lowered while the endpoint struggles (see _adapt)."""
+        """The configured cap, lowered while the endpoint struggles (see _adapt). An endpoint
+        this instance has not heard from yet starts at _SLOW_START and earns the rest one
+        answer at a time, so a hanging one never held more than that before it is caught."""
         configured = self._configured_cap(endpoint)
-        return min(configured, self._limits.get(sid, configured))
+        limit = self._limits.get(sid)
+        if limit is None:
+            if sid in self._proven:
+                return configured
+            if len(self._limits) > 10_000:
+                self._limits.clear()
+            limit = self._limits[sid] = min(configured, _SLOW_START)
+        return min(configured, limit)
 
     def _adapt(self, job: Job, outcome: Outcome) -> None:
         """Halve an endpoint's concurrency when it times out, refuses connections or says 429,
@@ -406,6 +420,9 @@ class Worker:
         elif sid in self._limits:
             if current + 1 >= configured:
                 del self._limits[sid]
+                if len(self._proven) > 100_000:
+                    self._proven.clear()
+                self._proven.add(sid)
             else:
                 self._limits[sid] = current + 1
 

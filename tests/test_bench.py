@@ -27,10 +27,13 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
 
     assert report.ceiling is not None
     assert report.ceiling.per_s > 0
+    assert report.ceiling.deliveries == 300  # two halves around the burn-down
+    assert len(report.ceiling.halves_per_s) == 2
     burn = report.burn
     assert burn is not None
     assert burn.deliveries == 300
     assert burn.per_s > 0
+    assert burn.ratio_to_ceiling is not None
     assert abs(burn.ratio_to_ceiling - burn.per_s / report.ceiling.per_s) < 0.01
     assert burn.statements_per_delivery is not None
     assert 0 < burn.statements_per_delivery < 1
