@@ -2,10 +2,12 @@
 
 # Claim up to $2 due deliveries for lease owner $5, at most a per-subscription share each:
 # $6/$7 give the room left for subscriptions this instance already sends to, others get
-# $8 (a new endpoint's slow start) or their lower "max_in_flight"; subscriptions with no
-# room are skipped ($4). Rows other instances hold are skipped too. The lease is the due time
+# their "max_in_flight" setting or the default $8; subscriptions with no room are
+# skipped ($4). Rows other instances hold are skipped too. The lease is the due time
 # itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due again with
-# no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the retry times.
+# no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the retry times,
+# plus a short look-ahead: rows due within it come back with their due time and are
+# started at it, not a claim's round trip after it.
 CLAIM = """
 WITH candidates AS (
     SELECT id, subscription_id, due_at FROM dispatcher.deliveries
@@ -22,9 +24,9 @@ WITH candidates AS (
     JOIN dispatcher.subscriptions s ON s.id = c.subscription_id
     LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
       ON room.subscription_id = c.subscription_id
-    WHERE c.rank <= coalesce(room.free, least((s.settings->>'max_in_flight')::int, $8::int))
+    WHERE c.rank <= coalesce(room.free, (s.settings->>'max_in_flight')::int, $8::int)
 ), due AS (
-    SELECT d.id FROM dispatcher.deliveries d
+    SELECT d.id, d.due_at FROM dispatcher.deliveries d
     WHERE d.id IN (SELECT id FROM shared) AND d.due_at <= to_timestamp($1::float8)
     ORDER BY d.due_at
     LIMIT $2::int
@@ -38,7 +40,7 @@ WHERE d.id = due.id
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at
+          s.updated_at, extract(epoch FROM due.due_at)::float8 AS due_at
 """
 
 # What the daemon caches of a subscription, by (id, updated_at): read when a claim returns

@@ -7,6 +7,7 @@ a freed send slot while a backlog waits, the safety poll, or stop. It never busy
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 import uuid
 from collections import Counter, deque
@@ -47,6 +48,9 @@ _READY_MAX_AGE = 2.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Requests a new endpoint may have in flight before its first answers raise the cap.
 _SLOW_START = 8
+# Claims take what falls due this soon (real seconds) and start it at its due time, so a
+# retry does not wait for the claim's round trip after it is due.
+_LOOKAHEAD = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,10 @@ class Worker:
         # once instead of idling for a claim's round trip. At most a batch of them.
         self._ready: dict[UUID, deque[tuple[float, Job]]] = {}
         self._ready_count = 0
+        # Claimed a little before they are due: (due on the clock, delivery id, job), earliest
+        # first; one timer moves them to _ready when due.
+        self._early: list[tuple[float, int, Job]] = []
+        self._early_timer: asyncio.TimerHandle | None = None
         # Lowered concurrency caps of endpoints that are struggling or new (see _adapt, _cap),
         # and the endpoints that have earned their configured cap.
         self._limits: dict[UUID, int] = {}
@@ -153,6 +161,7 @@ class Worker:
         self._next_maintenance = 0.0
         # Subscriptions with an error-rate limit that failed since the last poll.
         self._error_limits: dict[UUID, ErrorRateLimit] = {}
+        self._lookahead = _LOOKAHEAD * self._clock.rate  # in the clock's seconds
         metrics.in_flight.set_function(lambda: self._in_flight)
         metrics.unrecorded.set_function(lambda: self._unrecorded)
 
@@ -196,7 +205,8 @@ class Worker:
         """How many deliveries a claim may take: the free slots (see _recorded) plus a batch
         to have ready."""
         limit = self._settings.max_in_flight
-        return limit + self._batch - self._in_flight - self._unrecorded - self._ready_count
+        taken = self._in_flight + self._unrecorded + self._ready_count + len(self._early)
+        return limit + self._batch - taken
 
     def _release_slot(self, sid: UUID) -> None:
         if self._per_subscription[sid] >= self._caps.get(sid, self._settings.max_per_endpoint):
@@ -268,7 +278,7 @@ class Worker:
                     await self._poll()
                     self._next_poll = mono + self._settings.poll_interval
                 # A retry that fell due is claimed at once: batching it would make it late.
-                retry_due = self.timer.pop_due(self._clock()) > 0
+                retry_due = self.timer.pop_due(self._clock() + self._lookahead) > 0
                 if retry_due:
                     self._want_claim = True
                 if self.timer.overflowed and not len(self.timer):
@@ -297,7 +307,7 @@ class Worker:
             delays.append(self._next_claim - mono)
         at = self.timer.next_at()
         if at is not None:
-            delays.append(self._clock.real_seconds(at - self._clock()))
+            delays.append(self._clock.real_seconds(at - self._lookahead - self._clock()))
         oldest = self._oldest_ready()
         if oldest is not None:
             delays.append(oldest + _READY_MAX_AGE + 0.01 - mono)
@@ -327,15 +337,14 @@ class Worker:
         try:
             rows = await self._pool.fetch(
                 queries.CLAIM,
-                now,
+                now + self._lookahead,
                 limit,
                 self._settings.lease_seconds,
                 saturated,
                 self.owner,
                 busy,
                 room,
-                # As much as a new endpoint's slow start lets run and wait ready.
-                2 * min(self._settings.max_per_endpoint, _SLOW_START),
+                self._settings.max_per_endpoint,
             )
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -354,12 +363,17 @@ class Worker:
         mono = asyncio.get_running_loop().time()
         endpoints = await self._endpoints_of(rows)
         wall = time.time()
+        early = False
         for row in rows:
             endpoint = endpoints.get(row["subscription_id"])
             if endpoint is None:
                 # Deleted since the claim (its deliveries went with it).
                 continue
             job = self._job(row, endpoint, wall)
+            if row["due_at"] > now:
+                heapq.heappush(self._early, (row["due_at"], job.message.delivery_id, job))
+                early = True
+                continue
             sid = job.message.subscription_id
             cap = self._cap(sid, job.endpoint)
             self._caps[sid] = cap
@@ -371,12 +385,39 @@ class Worker:
                 continue
             queue.append((mono, job))
             self._ready_count += 1
+        if early:
+            self._arm_early()
         self._fill()
         if excess:
             # More than the endpoint may take soon: back to the queue, due now, for whichever
             # instance has room for it first.
             self._want_claim = True
             await self._release(excess, "excess")
+
+    def _arm_early(self) -> None:
+        """One timer, for the earliest delivery claimed before its due time."""
+        if self._early_timer is not None:
+            self._early_timer.cancel()
+            self._early_timer = None
+        if self._early:
+            delay = self._clock.real_seconds(self._early[0][0] - self._clock())
+            loop = asyncio.get_running_loop()
+            self._early_timer = loop.call_later(max(delay, 0.0), self._start_due)
+
+    def _start_due(self) -> None:
+        """Move the early deliveries that are now due to _ready and start what fits. Judged
+        by the clock, not the timer: a timer may fire a little early."""
+        self._early_timer = None
+        now = self._clock()
+        mono = asyncio.get_running_loop().time()
+        while self._early and self._early[0][0] <= now:
+            _, _, job = heapq.heappop(self._early)
+            sid = job.message.subscription_id
+            self._caps[sid] = self._cap(sid, job.endpoint)
+            self._ready.setdefault(sid, deque()).append((mono, job))
+            self._ready_count += 1
+        self._arm_early()
+        self._fill()
 
     async def _release(self, deliveries: list[int], why: str) -> None:
         try:
@@ -668,6 +709,11 @@ class Worker:
         unsent = [job.message.delivery_id for q in self._ready.values() for _, job in q]
         self._ready.clear()
         self._ready_count = 0
+        if self._early_timer is not None:
+            self._early_timer.cancel()
+        # Released as due now: at most _LOOKAHEAD before their time.
+        unsent += [delivery_id for _, delivery_id, _ in self._early]
+        self._early.clear()
         tasks = list(self._tasks)
         if tasks:
             log.info(
