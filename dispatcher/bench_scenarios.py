@@ -633,7 +633,10 @@ class Retries:
     early: int  # retries started before they were due (should be 0)
 
 
-async def retries(ctx: Context, count: int, delay: float = 1.0) -> Retries:
+async def retries(ctx: Context, count: int, delay: float = 2.0) -> Retries:
+    """`count` first attempts fail at once and are retried `delay` later. The delay is longer
+    than the burst of first attempts takes (0.3-1.3 s here), so what is measured is when the
+    timer fires, not slots still busy with first attempts."""
     env = ["bench-retries"]
     settings = daemon_settings(ctx, in_flight=ctx.concurrency, per_endpoint=ctx.concurrency)
     async with started(settings):

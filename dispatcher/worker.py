@@ -46,8 +46,6 @@ _STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
 # (well inside any lease, which is longer than the request timeout plus 5 s).
 _READY_MAX_AGE = 2.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-# Requests a new endpoint may have in flight before its first answers raise the cap.
-_SLOW_START = 8
 # Claims take what falls due this soon (real seconds) and start it at its due time, so a
 # retry does not wait for the claim's round trip after it is due.
 _LOOKAHEAD = 0.05
@@ -151,10 +149,8 @@ class Worker:
         # first; one timer moves them to _ready when due.
         self._early: list[tuple[float, int, Job]] = []
         self._early_timer: asyncio.TimerHandle | None = None
-        # Lowered concurrency caps of endpoints that are struggling or new (see _adapt, _cap),
-        # and the endpoints that have earned their configured cap.
+        # Lowered concurrency caps of endpoints that are struggling (see _adapt).
         self._limits: dict[UUID, int] = {}
-        self._proven: set[UUID] = set()
         self._tasks: dict[asyncio.Task[None], Job] = {}
         self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
@@ -432,18 +428,9 @@ class Worker:
         return self._settings.max_per_endpoint
 
     def _cap(self, sid: UUID, endpoint: EndpointSettings | SettingsError) -> int:
-        """The configured cap, lowered while the endpoint struggles (see _adapt). An endpoint
-        this instance has not heard from yet starts at _SLOW_START and earns the rest one
-        answer at a time, so a hanging one never held more than that before it is caught."""
+        """The configured cap, lowered while the endpoint struggles (see _adapt)."""
         configured = self._configured_cap(endpoint)
-        limit = self._limits.get(sid)
-        if limit is None:
-            if sid in self._proven:
-                return configured
-            if len(self._limits) > 10_000:
-                self._limits.clear()
-            limit = self._limits[sid] = min(configured, _SLOW_START)
-        return min(configured, limit)
+        return min(configured, self._limits.get(sid, configured))
 
     def _adapt(self, job: Job, outcome: Outcome) -> None:
         """Halve an endpoint's concurrency when it times out, refuses connections or says 429,
@@ -461,9 +448,6 @@ class Worker:
         elif sid in self._limits:
             if current + 1 >= configured:
                 del self._limits[sid]
-                if len(self._proven) > 100_000:
-                    self._proven.clear()
-                self._proven.add(sid)
             else:
                 self._limits[sid] = current + 1
 
