@@ -710,8 +710,8 @@ async def memory(ctx: Context, count: int, in_flight: int, seconds: float = 10.0
     seen = 0
     async with started(settings) as running:
         begun = time.perf_counter()
-        # A new endpoint starts at a few requests in flight and doubles them with each round
-        # of answers (2 s each here): run until all `in_flight` were seen, at most 30 s more.
+        # Claims fill the slots a batch at a time: run until all `in_flight` were seen (a slow
+        # machine takes longer than `seconds` for 1M pending), at most 30 s more.
         while (elapsed := time.perf_counter() - begun) < seconds or (
             seen < in_flight and elapsed < seconds + 30
         ):

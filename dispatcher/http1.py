@@ -53,7 +53,7 @@ class DisconnectedError(HTTPError):
 
 
 class TooManyRedirectsError(HTTPError):
-    pass
+    """The answer redirected more often than the subscription allows."""
 
 
 class InvalidHeaderError(HTTPError):
@@ -149,6 +149,10 @@ class _Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         return not self.closed and self._waiter is None and self._keep_alive
+
+    def expired(self, now: float) -> bool:
+        """Closed by the peer, or idle for KEEPALIVE seconds: not to be used again."""
+        return self.closed or now - self.idle_since >= KEEPALIVE
 
     def abort(self) -> None:
         self.closed = True
@@ -325,7 +329,7 @@ class Client:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE:
+            if not conn.expired(now):
                 conn.reused = True
                 return conn
             conn.abort()
@@ -350,7 +354,7 @@ class Client:
         for origin in list(self._idle):
             kept = []
             for conn in self._idle[origin]:
-                if conn.closed or now - conn.idle_since >= KEEPALIVE:
+                if conn.expired(now):
                     conn.abort()
                 else:
                     kept.append(conn)

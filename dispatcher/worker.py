@@ -371,16 +371,11 @@ class Worker:
                 early = True
                 continue
             sid = job.message.subscription_id
-            cap = self._cap(sid, job.endpoint)
-            self._caps[sid] = cap
-            queue = self._ready.get(sid)
-            if queue is None:
-                queue = self._ready[sid] = deque()
-            if self._per_subscription[sid] + len(queue) >= 2 * cap:
+            waiting = len(self._ready.get(sid, ()))
+            if self._per_subscription[sid] + waiting >= 2 * self._cap(sid, job.endpoint):
                 excess.append(job.message.delivery_id)
                 continue
-            queue.append((mono, job))
-            self._ready_count += 1
+            self._make_ready(job, mono)
         if early:
             self._arm_early()
         self._fill()
@@ -407,13 +402,16 @@ class Worker:
         now = self._clock()
         mono = asyncio.get_running_loop().time()
         while self._early and self._early[0][0] <= now:
-            _, _, job = heapq.heappop(self._early)
-            sid = job.message.subscription_id
-            self._caps[sid] = self._cap(sid, job.endpoint)
-            self._ready.setdefault(sid, deque()).append((mono, job))
-            self._ready_count += 1
+            self._make_ready(heapq.heappop(self._early)[2], mono)
         self._arm_early()
         self._fill()
+
+    def _make_ready(self, job: Job, mono: float) -> None:
+        """Queue a claimed job to start as soon as a slot and its endpoint's cap allow."""
+        sid = job.message.subscription_id
+        self._caps[sid] = self._cap(sid, job.endpoint)
+        self._ready.setdefault(sid, deque()).append((mono, job))
+        self._ready_count += 1
 
     async def _release(self, deliveries: list[int], why: str) -> None:
         try:

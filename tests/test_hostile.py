@@ -607,3 +607,69 @@ async def test_a_malformed_or_cut_off_answer_is_a_network_error(
     assert attempt["outcome"] == "failed"
     assert attempt["error"].startswith("network"), attempt["error"]
     assert attempt["duration_ms"] < 2000, attempt["error"]
+
+
+# -- the HTTP client's own paths: answers that end with the connection, interim answers, -----
+# -- a kept-alive connection the receiver closed ---------------------------------------
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def post_local(client: http1.Client, port: int) -> Outcome:
+    sender = Sender(client, 100, time.time, allow_http=True, allow_private=True)
+    return await sender.post(
+        f"http://127.0.0.1:{port}/hook", b"{}", {}, resolve("standard", {"timeout": 5})
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "excerpt"),
+    [
+        pytest.param(
+            b"HTTP/1.1 202 Accepted\r\nConnection: close\r\n\r\nthanks",
+            202,
+            "thanks",
+            id="body-ends-at-close",
+        ),
+        pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n" + OK, 200, "ok", id="interim-100"),
+        pytest.param(b"HTTP/1.0 200 OK\r\n\r\nold", 200, "old", id="http-1.0"),
+    ],
+)
+async def test_answers_the_client_must_read_to_their_end(
+    raw: bytes, status: int, excerpt: str
+) -> None:
+    async with raw_server(answer(raw)) as server, http_client(allow_private=True) as client:
+        outcome = await post_local(client, server.port)
+    assert (outcome.status, outcome.error, outcome.body_excerpt) == (status, None, excerpt)
+
+
+async def test_a_kept_alive_connection_closed_by_the_receiver_is_replaced_once() -> None:
+    # The first connection answers one request, then reads the next and hangs up without
+    # answering (a receiver's idle timeout racing our reuse): the request goes out again on
+    # a new connection, which answers it.
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        if len(server.conns) == 1:
+            await conn.send(OK)
+            await conn.read_request()
+            return  # RawServer closes the connection
+        await conn.send(OK)
+
+    async with raw_server(handler) as server, http_client(allow_private=True) as client:
+        first = await post_local(client, server.port)
+        second = await post_local(client, server.port)
+        assert len(server.conns) == 2
+    assert (first.status, second.status) == (200, 200)
+    assert second.error is None
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_not_sent_again() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+
+    async with raw_server(handler) as server, http_client(allow_private=True) as client:
+        outcome = await post_local(client, server.port)
+        assert len(server.conns) == 1
+    assert outcome.error is ErrorKind.NETWORK
+    assert "DisconnectedError" in outcome.detail
