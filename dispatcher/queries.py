@@ -1,46 +1,43 @@
 """The daemon's hot-path SQL as named statements; each is set-based: one round trip a batch."""
 
-# Claim up to $2 due deliveries for lease owner $5, at most a per-subscription share each:
-# $6/$7 give the room left for subscriptions this instance already sends to, others get
-# their "max_in_flight" setting or the default $8; subscriptions with no room are
-# skipped ($4). Rows other instances hold are skipped too. The lease is the due time
-# itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due again with
-# no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the retry times,
-# plus a short look-ahead: rows due within it come back with their due time and are
-# started at it, not a claim's round trip after it.
+# Claim up to $2 due deliveries for lease owner $5: lock the $2 earliest due, then take of
+# them at most a per-subscription share: $6/$7 give the room left for subscriptions this
+# instance already sends to, others get their "max_in_flight" setting or the default $8;
+# subscriptions with no room are skipped ($4), as are rows other instances hold. `scanned`
+# (on every row) counts the rows locked: when it reaches $2, more may be due. The lease is
+# the due time itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due
+# again with no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the
+# retry times, plus a short look-ahead: rows due within it come back with their due time and
+# are started at it, not a claim's round trip after it.
 CLAIM = """
-WITH candidates AS (
+WITH due AS (
     SELECT id, subscription_id, due_at FROM dispatcher.deliveries
     WHERE due_at <= to_timestamp($1::float8) AND NOT paused
       AND subscription_id <> ALL($4::uuid[])
     ORDER BY due_at
-    LIMIT $2::int * 4
+    LIMIT $2::int
+    FOR UPDATE SKIP LOCKED
 ), shared AS (
-    SELECT c.id FROM (
+    SELECT c.id, c.due_at FROM (
         SELECT id, subscription_id, due_at,
                row_number() OVER (PARTITION BY subscription_id ORDER BY due_at) AS rank
-        FROM candidates
+        FROM due
     ) c
     JOIN dispatcher.subscriptions s ON s.id = c.subscription_id
     LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
       ON room.subscription_id = c.subscription_id
     WHERE c.rank <= coalesce(room.free, (s.settings->>'max_in_flight')::int, $8::int)
-), due AS (
-    SELECT d.id, d.due_at FROM dispatcher.deliveries d
-    WHERE d.id IN (SELECT id FROM shared) AND d.due_at <= to_timestamp($1::float8)
-    ORDER BY d.due_at
-    LIMIT $2::int
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE dispatcher.deliveries d
 SET due_at = to_timestamp($1::float8 + $3::float8), lease_owner = $5
-FROM due, dispatcher.events e, dispatcher.subscriptions s
-WHERE d.id = due.id
+FROM shared, dispatcher.events e, dispatcher.subscriptions s
+WHERE d.id = shared.id
   AND e.id = d.event_id AND e.created_at = d.event_created_at
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at, extract(epoch FROM due.due_at)::float8 AS due_at
+          s.updated_at, extract(epoch FROM shared.due_at)::float8 AS due_at,
+          (SELECT count(*) FROM due) AS scanned
 """
 
 # What the daemon caches of a subscription, by (id, updated_at): read when a claim returns

@@ -367,8 +367,9 @@ class Worker:
         self._metrics.db_seconds.labels("claim").observe(time.perf_counter() - began)
         self._metrics.claims.inc()
         self._metrics.claimed.inc(len(rows))
-        # A full batch means more is due: claim again as slots free up, but batch the claims.
-        if len(rows) == limit:
+        # A full batch locked means more is due (some of it perhaps held back by a share, whose
+        # subscription is skipped next time): claim again as slots free up, in batches.
+        if rows and rows[0]["scanned"] == limit:
             self._want_claim = True
         self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
         excess: list[int] = []
