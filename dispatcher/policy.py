@@ -50,9 +50,12 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one HTTP attempt produced: a status, or an error kind. Times are unix seconds."""
+    """What one HTTP attempt produced: a status, or an error kind. `started_at` and
+    `finished_at` are read on the daemon's clock (unix seconds; a test's clock may run faster),
+    `duration` is the real seconds it took."""
 
     started_at: float
+    finished_at: float
     duration: float
     status: int | None = None
     error: ErrorKind | None = None
@@ -147,8 +150,7 @@ def decide(policy: DeliveryPolicy, attempt: int, outcome: Outcome, created_at: f
     limit = policy.retry.attempts_limit()
     if limit is not None and attempt >= limit:
         return Decision(Verdict.FAILED)
-    finished = outcome.started_at + outcome.duration
-    next_at = finished + policy.retry.delay(attempt - 1)
+    next_at = outcome.finished_at + policy.retry.delay(attempt - 1)
     if policy.retry.max_age is not None and next_at > created_at + policy.retry.max_age:
         return Decision(Verdict.EXPIRED)
     return Decision(Verdict.RETRY, next_at)

@@ -73,6 +73,7 @@ class Sender:
         duration = time.perf_counter() - t0
         return Outcome(
             started_at=started,
+            finished_at=self._clock(),
             duration=duration,
             status=status,
             error=error,

@@ -619,9 +619,11 @@ class Worker:
         """The attempt's outcome and the body it sent (None when nothing was sent)."""
         endpoint = job.endpoint
         if isinstance(endpoint, SettingsError):
-            return Outcome(self._clock(), 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint)), None
+            now = self._clock()
+            return Outcome(now, now, 0.0, error=ErrorKind.SETTINGS, detail=str(endpoint)), None
         if job.blocked is not None:
-            return Outcome(self._clock(), 0.0, error=ErrorKind.BLOCKED, detail=job.blocked), None
+            now = self._clock()
+            return Outcome(now, now, 0.0, error=ErrorKind.BLOCKED, detail=job.blocked), None
         sent_ns = time.time_ns()
         body = render(endpoint.envelope, job.message, sent_ns)
         headers = dict(job.headers)

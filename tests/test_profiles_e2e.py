@@ -498,6 +498,31 @@ async def test_store_end_to_end(database: str, db: asyncpg.Connection, receiver:
         assert len(receiver.at("/exact")) == 2
 
 
+async def test_store_retry_waits_from_the_end_of_a_slow_answer(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """The delay counts from the answer, on the daemon's clock: 0.2 s of a receiver's time
+    is 60 s of a clock running 300 times faster, and the retry comes 60 s after that."""
+    answered: list[float] = []
+
+    async def slow_500(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        answered.append(time.time())
+        return web.Response(status=500)
+
+    async with shop(database, db, receiver, rate=300) as s:
+        created = await s.api.post(
+            "/v1/subscriptions",
+            {"url": receiver.url("/slow"), "events": ["orders.*"], "profile": "store"},
+        )
+        receiver.plan("/slow", slow_500, then=200)
+        await s.api.post("/v1/events", {"event_name": "orders.create.v0", "payload": ORDER})
+        await wait_status(s, created.body["id"], "delivered")
+    first, second = receiver.at("/slow")
+    assert_schedule([(second.at - answered[0]) * s.rate], [60])
+    assert (second.at - first.at) * s.rate >= 60 + 0.2 * s.rate * 0.9
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 406, 410, 411])
 async def test_store_deactivates_on_its_eight_statuses(
     database: str, db: asyncpg.Connection, receiver: Receiver, status: int
