@@ -441,9 +441,9 @@ async def burn(ctx: Context, count: int) -> Burn:
         t0 = time.perf_counter()
         await publish(ctx, env, count)
         publish_s = time.perf_counter() - t0
-        area = daemon.worker.in_flight_seconds
+        busy = daemon.metrics.attempt_seconds_total()
         elapsed = await drain(ctx, "burn", env, count, timeout=max(60.0, count / 200))
-        area = daemon.worker.in_flight_seconds - area
+        busy = daemon.metrics.attempt_seconds_total() - busy
         costs = await meter.stop()
         claim_s = daemon.metrics.mean_db_seconds("claim")
         record_s = daemon.metrics.mean_db_seconds("record")
@@ -470,7 +470,7 @@ async def burn(ctx: Context, count: int) -> Burn:
         tables_after_kb=costs.tables_after_kb,
         claim_mean_ms=ms(claim_s),
         record_mean_ms=ms(record_s),
-        mean_in_flight=round(area / elapsed, 2),
+        mean_in_flight=round(busy / elapsed, 2),
     )
 
 

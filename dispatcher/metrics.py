@@ -111,3 +111,12 @@ class Metrics:
                 elif sample.name.endswith("_count"):
                     count = sample.value
         return total / count if count else None
+
+    def attempt_seconds_total(self) -> float:
+        """Seconds of recorded HTTP attempts, summed: over a span of time, divided by it,
+        the mean number of requests in flight."""
+        for metric in self.attempt_seconds.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_sum"):
+                    return float(sample.value)
+        return 0.0

@@ -137,10 +137,6 @@ class Worker:
         self._want_claim = True
         self._next_claim = 0.0
         self._in_flight = 0
-        # The integral of _in_flight over the loop's time, up to _in_flight_since (the bench's
-        # mean concurrency: samples miss bursts shorter than their interval).
-        self._in_flight_area = 0.0
-        self._in_flight_since = 0.0
         # Outcomes handed to the recorder and not yet written (their leases are still ours).
         self._unrecorded = 0
         self._per_subscription: Counter[UUID] = Counter()
@@ -168,18 +164,6 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    @property
-    def in_flight_seconds(self) -> float:
-        """Requests in flight integrated over time (request-seconds) since the worker began."""
-        now = asyncio.get_running_loop().time()
-        return self._in_flight_area + self._in_flight * (now - self._in_flight_since)
-
-    def _count_in_flight(self, change: int) -> None:
-        now = asyncio.get_running_loop().time()
-        self._in_flight_area += self._in_flight * (now - self._in_flight_since)
-        self._in_flight_since = now
-        self._in_flight += change
 
     def notify(self) -> None:
         """New work may be due (NOTIFY, reconnect, reactivation)."""
@@ -224,7 +208,7 @@ class Worker:
         if self._per_subscription[sid] >= self._caps.get(sid, self._settings.max_per_endpoint):
             # It was skipped by claims while full; it may have more waiting.
             self._want_claim = True
-        self._count_in_flight(-1)
+        self._in_flight -= 1
         self._per_subscription[sid] -= 1
         if self._per_subscription[sid] <= 0:
             del self._per_subscription[sid]
@@ -559,7 +543,7 @@ class Worker:
             return exc
 
     def _start(self, job: Job) -> None:
-        self._count_in_flight(1)
+        self._in_flight += 1
         self._per_subscription[job.message.subscription_id] += 1
         task = asyncio.create_task(self._deliver(job))
         self._tasks[task] = job
