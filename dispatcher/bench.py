@@ -299,11 +299,15 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
                 f"{f.endpoints} ({f.failing_endpoints} / {f.hanging_endpoints})",
             ),
             (
-                "faulty: endpoints healthy in both runs, deliveries/s (all-healthy run)",
+                "faulty: endpoints healthy in every run, deliveries/s (all-healthy runs)",
                 f.healthy_run_per_s,
             ),
             (
-                "faulty: endpoints healthy in both runs, deliveries/s (faulty run)",
+                "faulty: all-healthy run before / after the faulty one, deliveries/s",
+                " / ".join(str(x) for x in f.healthy_runs_per_s),
+            ),
+            (
+                "faulty: endpoints healthy in every run, deliveries/s (faulty run)",
                 f.faulty_run_healthy_per_s,
             ),
             ("faulty: ratio", f.ratio),
