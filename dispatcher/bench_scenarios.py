@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -531,17 +533,19 @@ async def steady(ctx: Context, rate: float, seconds: float) -> Steady:
 @dataclass(frozen=True, slots=True)
 class Faulty:
     """The same load over many endpoints, all healthy, then with 10% failing and 1% hanging,
-    then all healthy again; the ratio compares the deliveries/s of the endpoints that are
-    healthy in every run, the faulty run against the mean of the two healthy ones around it
-    (this VM's speed drifts within a minute)."""
+    alternately: healthy, faulty, healthy, faulty, healthy. The ratio compares the
+    deliveries/s of the endpoints that are healthy in every run, the faulty runs' mean
+    against the healthy runs' mean: interleaved, a drift of this VM's speed (up to 25% within
+    a minute) weighs on both sides alike. Answers are counted over both faulty runs."""
 
     endpoints: int
     deliveries: int
     timeout_s: float
     per_endpoint_limit: int
     healthy_run_per_s: float
-    healthy_runs_per_s: tuple[float, float]  # before / after the faulty run
+    healthy_runs_per_s: tuple[float, ...]
     faulty_run_healthy_per_s: float
+    faulty_runs_per_s: tuple[float, ...]
     ratio: float
     failing_endpoints: int
     hanging_endpoints: int
@@ -568,9 +572,9 @@ async def faulty(ctx: Context, count: int, endpoints: int = 100, timeout: float 
     sub_settings = {"timeout": timeout, "retry": "none"}
     failing = max(1, endpoints // 10)
     hanging = max(1, endpoints // 100)
-    rates: list[float] = []
-    outcomes: dict[str, int] = {}
-    for n, run in enumerate(("healthy", "faulty", "healthy")):
+    rates: dict[str, list[float]] = {"healthy": [], "faulty": []}
+    outcomes: Counter[str] = Counter()
+    for n, run in enumerate(("healthy", "faulty", "healthy", "faulty", "healthy")):
         envs = [f"bench-{run}{n}-{i}" for i in range(endpoints)]
         async with started(settings):
             for i, env in enumerate(envs):
@@ -586,9 +590,9 @@ async def faulty(ctx: Context, count: int, endpoints: int = 100, timeout: float 
             # deliveries time out one by one long after the rest is done.
             measured = envs[hanging:] if run == "faulty" else envs
             await drain(ctx, run, measured, count, timeout=max(60.0, count / 100))
-            # The same endpoints in both runs: those that stay healthy in the faulty one.
+            # The same endpoints in every run: those that stay healthy in the faulty ones.
             _, rate = await _healthy_rate(ctx, envs[hanging + failing :], since)
-            rates.append(rate)
+            rates[run].append(rate)
             if run == "faulty":
                 for row in await ctx.conn.fetch(
                     TAG + "SELECT coalesce(a.status_code::text, split_part(a.error, ':', 1)) AS k,"
@@ -597,18 +601,21 @@ async def faulty(ctx: Context, count: int, endpoints: int = 100, timeout: float 
                     "WHERE s.environment_id = ANY($1::text[]) GROUP BY 1",
                     envs,
                 ):
-                    outcomes[row["k"]] = int(row["n"])
+                    outcomes[row["k"]] += int(row["n"])
         ctx.progress.done()
         await forget(ctx, envs)
+    healthy = statistics.fmean(rates["healthy"])
+    faulty_rate = statistics.fmean(rates["faulty"])
     return Faulty(
         endpoints=endpoints,
         deliveries=count,
         timeout_s=timeout,
         per_endpoint_limit=per_endpoint,
-        healthy_run_per_s=round((rates[0] + rates[2]) / 2, 1),
-        healthy_runs_per_s=(round(rates[0], 1), round(rates[2], 1)),
-        faulty_run_healthy_per_s=round(rates[1], 1),
-        ratio=round(rates[1] / ((rates[0] + rates[2]) / 2), 3),
+        healthy_run_per_s=round(healthy, 1),
+        healthy_runs_per_s=tuple(round(r, 1) for r in rates["healthy"]),
+        faulty_run_healthy_per_s=round(faulty_rate, 1),
+        faulty_runs_per_s=tuple(round(r, 1) for r in rates["faulty"]),
+        ratio=round(faulty_rate / healthy, 3),
         failing_endpoints=failing,
         hanging_endpoints=hanging,
         timed_out=outcomes.get("timeout", 0),

@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--deliveries", type=int, default=50_000, help="burn-down backlog")
     bench.add_argument("--concurrency", type=int, default=256)
     bench.add_argument("--steady-seconds", type=float, default=10.0)
-    bench.add_argument("--faulty-deliveries", type=int, default=20_000)
+    bench.add_argument("--faulty-deliveries", type=int, default=12_000, help="per run (five runs)")
     bench.add_argument("--retry-deliveries", type=int, default=2_000)
     bench.add_argument("--memory-pending", type=int, default=1_000_000)
     bench.add_argument("--memory-in-flight", type=int, default=1_000)

@@ -65,7 +65,8 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert faulty.failing_endpoints == 10
     assert faulty.hanging_endpoints == 1
     assert faulty.healthy_run_per_s > 0
-    assert len(faulty.healthy_runs_per_s) == 2
+    assert len(faulty.healthy_runs_per_s) == 3
+    assert len(faulty.faulty_runs_per_s) == 2
     assert faulty.faulty_run_healthy_per_s > 0
     assert faulty.answered_500 > 0
 
