@@ -2,13 +2,14 @@
 
 # Claim up to $2 due deliveries for lease owner $5: lock the $2 earliest due, then take of
 # them at most a per-subscription share: $6/$7 give the room left for subscriptions this
-# instance already sends to, others get their "max_in_flight" setting or the default $8;
-# subscriptions with no room are skipped ($4), as are rows other instances hold. `scanned`
-# (on every row) counts the rows locked: when it reaches $2, more may be due. The lease is
-# the due time itself: it is pushed $3 seconds ahead, so a row whose owner died becomes due
-# again with no sweeper. $1 is the daemon's clock (unix seconds), the clock that set the
-# retry times, plus a short look-ahead: rows due within it come back with their due time and
-# are started at it, not a claim's round trip after it.
+# instance already sends to, others (idle here: a slow start) at most $8, or their lower
+# "max_in_flight" setting; subscriptions with no room are skipped ($4), as are rows other
+# instances hold. `scanned` and `shared` (on every row) count the rows locked and those
+# within the shares: when the first reaches $2, or the second falls short of it, more may be
+# due. The lease is the due time itself: it is pushed $3 seconds ahead, so a row whose owner
+# died becomes due again with no sweeper. $1 is the daemon's clock (unix seconds), the clock
+# that set the retry times, plus a short look-ahead: rows due within it come back with their
+# due time and are started at it, not a claim's round trip after it.
 CLAIM = """
 WITH due AS (
     SELECT id, subscription_id, due_at FROM dispatcher.deliveries
@@ -26,7 +27,7 @@ WITH due AS (
     JOIN dispatcher.subscriptions s ON s.id = c.subscription_id
     LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
       ON room.subscription_id = c.subscription_id
-    WHERE c.rank <= coalesce(room.free, (s.settings->>'max_in_flight')::int, $8::int)
+    WHERE c.rank <= coalesce(room.free, least((s.settings->>'max_in_flight')::int, $8::int))
 )
 UPDATE dispatcher.deliveries d
 SET due_at = to_timestamp($1::float8 + $3::float8), lease_owner = $5
@@ -37,7 +38,7 @@ WHERE d.id = shared.id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
           s.updated_at, extract(epoch FROM shared.due_at)::float8 AS due_at,
-          (SELECT count(*) FROM due) AS scanned
+          (SELECT count(*) FROM due) AS scanned, (SELECT count(*) FROM shared) AS shared
 """
 
 # What the daemon caches of a subscription, by (id, updated_at): read when a claim returns

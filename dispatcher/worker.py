@@ -45,6 +45,11 @@ _STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
 # A claimed delivery waits at most this long for a slot before it goes back to the queue
 # (well inside any lease, which is longer than the request timeout plus 5 s).
 _READY_MAX_AGE = 2.0
+# An endpoint that has not answered lately starts with this many requests at once and gains
+# one per answer (see _adapt), doubling each round trip: one that hangs holds this few slots
+# for a whole timeout, not its full cap.
+_SLOW_START = 4
+_SLOW_START_AFTER = 30.0  # seconds without an answer
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Claims take what falls due this soon (real seconds) and start it at its due time, so a
 # retry does not wait for the claim's round trip after it is due.
@@ -140,6 +145,9 @@ class Worker:
         # Outcomes handed to the recorder and not yet written (their leases are still ours).
         self._unrecorded = 0
         self._per_subscription: Counter[UUID] = Counter()
+        # Subscriptions the last claim skipped as full (a freed slot asks for a claim again).
+        self._skipped: set[UUID] = set()
+        # Configured caps of the subscriptions with work here (lowered by _limits).
         self._caps: dict[UUID, int] = {}
         # Claimed ahead of free slots, by subscription: a freed slot starts the next request at
         # once instead of idling for a claim's round trip. At most a batch of them.
@@ -149,8 +157,10 @@ class Worker:
         # first; one timer moves them to _ready when due.
         self._early: list[tuple[float, int, Job]] = []
         self._early_timer: asyncio.TimerHandle | None = None
-        # Lowered concurrency caps of endpoints that are struggling (see _adapt).
+        # Lowered concurrency caps of endpoints that are struggling or starting (see _adapt).
         self._limits: dict[UUID, int] = {}
+        # When each endpoint last answered, on the clock (see _SLOW_START).
+        self._answered: dict[UUID, float] = {}
         self._tasks: dict[asyncio.Task[None], Job] = {}
         self._endpoints: dict[tuple[UUID, datetime], Endpoint] = {}
         self._next_poll = 0.0
@@ -205,8 +215,9 @@ class Worker:
         return limit + self._batch - taken
 
     def _release_slot(self, sid: UUID) -> None:
-        if self._per_subscription[sid] >= self._caps.get(sid, self._settings.max_per_endpoint):
-            # It was skipped by claims while full; it may have more waiting.
+        if sid in self._skipped:
+            # The last claim skipped it as full; it may have more waiting.
+            self._skipped.discard(sid)
             self._want_claim = True
         self._in_flight -= 1
         self._per_subscription[sid] -= 1
@@ -223,7 +234,6 @@ class Worker:
         if self._stopping:
             return
         limit = self._settings.max_in_flight
-        default = self._settings.max_per_endpoint
         order = list(self._ready)
         if first is not None and first in self._ready:
             order.insert(0, first)
@@ -233,7 +243,7 @@ class Worker:
             queue = self._ready.get(sid)
             if queue is None:
                 continue
-            cap = min(self._caps.get(sid, default), self._limits.get(sid, default))
+            cap = self._effective_cap(sid)
             while (
                 queue
                 and self._in_flight + self._unrecorded < limit
@@ -313,16 +323,17 @@ class Worker:
     async def _claim(self, claimable: int) -> None:
         limit = min(claimable, self._settings.claim_batch)
         saturated: list[UUID] = []
+        self._skipped.clear()
         busy: list[UUID] = []
         room: list[int] = []
-        default = self._settings.max_per_endpoint
         for sid in self._per_subscription.keys() | self._limits.keys() | self._ready.keys():
-            cap = min(self._caps.get(sid, default), self._limits.get(sid, default))
+            cap = self._effective_cap(sid)
             # As much again may wait ready for the endpoint's next free slots.
             ready = len(self._ready.get(sid, ()))
             free_here = 2 * cap - self._per_subscription.get(sid, 0) - ready
             if free_here <= 0:
                 saturated.append(sid)
+                self._skipped.add(sid)
             else:
                 busy.append(sid)
                 room.append(free_here)
@@ -340,7 +351,7 @@ class Worker:
                 self.owner,
                 busy,
                 room,
-                self._settings.max_per_endpoint,
+                2 * _SLOW_START,
             )
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -351,13 +362,17 @@ class Worker:
         self._metrics.db_seconds.labels("claim").observe(time.perf_counter() - began)
         self._metrics.claims.inc()
         self._metrics.claimed.inc(len(rows))
-        # A full batch locked means more is due (some of it perhaps held back by a share, whose
-        # subscription is skipped next time): claim again as slots free up, in batches.
+        # A full batch locked means more is due: claim again as slots free up, in batches.
+        # Rows held back by an idle endpoint's share (see queries.CLAIM) are claimed again at
+        # once: known now, it comes with its room next time, or is skipped when full.
+        mono = asyncio.get_running_loop().time()
+        self._next_claim = mono + self._settings.flush_interval / 2
         if rows and rows[0]["scanned"] == limit:
             self._want_claim = True
-        self._next_claim = asyncio.get_running_loop().time() + self._settings.flush_interval / 2
+        if rows and rows[0]["shared"] < rows[0]["scanned"]:
+            self._want_claim = True
+            self._next_claim = mono
         excess: list[int] = []
-        mono = asyncio.get_running_loop().time()
         endpoints = await self._endpoints_of(rows)
         wall = time.time()
         early = False
@@ -376,7 +391,7 @@ class Worker:
             if self._per_subscription[sid] + waiting >= 2 * self._cap(sid, job.endpoint):
                 excess.append(job.message.delivery_id)
                 continue
-            self._make_ready(job, mono)
+            self._make_ready(job, mono, now)
         if early:
             self._arm_early()
         self._fill()
@@ -403,14 +418,22 @@ class Worker:
         now = self._clock()
         mono = asyncio.get_running_loop().time()
         while self._early and self._early[0][0] <= now:
-            self._make_ready(heapq.heappop(self._early)[2], mono)
+            self._make_ready(heapq.heappop(self._early)[2], mono, now)
         self._arm_early()
         self._fill()
 
-    def _make_ready(self, job: Job, mono: float) -> None:
+    def _make_ready(self, job: Job, mono: float, now: float) -> None:
         """Queue a claimed job to start as soon as a slot and its endpoint's cap allow."""
         sid = job.message.subscription_id
-        self._caps[sid] = self._cap(sid, job.endpoint)
+        configured = self._configured_cap(job.endpoint)
+        if (
+            configured > _SLOW_START
+            and sid not in self._limits
+            and now - self._answered.get(sid, 0.0) > _SLOW_START_AFTER
+            and sid not in self._per_subscription
+        ):
+            self._limits[sid] = _SLOW_START
+        self._caps[sid] = configured
         self._ready.setdefault(sid, deque()).append((mono, job))
         self._ready_count += 1
 
@@ -425,6 +448,11 @@ class Worker:
         if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
             return endpoint.max_in_flight
         return self._settings.max_per_endpoint
+
+    def _effective_cap(self, sid: UUID) -> int:
+        """The cap of an endpoint with work here: configured, lowered by _adapt."""
+        default = self._settings.max_per_endpoint
+        return min(self._caps.get(sid, default), self._limits.get(sid, default))
 
     def _cap(self, sid: UUID, endpoint: EndpointSettings | SettingsError) -> int:
         """The configured cap, lowered while the endpoint struggles (see _adapt)."""
@@ -444,7 +472,12 @@ class Worker:
             if len(self._limits) > 10_000:
                 self._limits.clear()
             self._limits[sid] = max(1, current // 2)
-        elif sid in self._limits:
+            return
+        if status is not None:
+            if len(self._answered) > 100_000:
+                self._answered.clear()  # a few endpoints start slow again
+            self._answered[sid] = outcome.finished_at
+        if sid in self._limits:
             if current + 1 >= configured:
                 del self._limits[sid]
             else:

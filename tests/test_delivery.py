@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from dispatcher.config import SecuritySettings
 
@@ -253,15 +254,68 @@ async def test_an_endpoint_that_times_out_is_throttled_to_few_slots(
     settings = settings_for(database, max_in_flight=32, max_per_endpoint=8)
     async with daemon(settings):
         await publish(db, event="slow.create.v0", count=40)
-        # The first wave fills the endpoint's 8 slots and times out together; each timeout
-        # halves its cap, so what follows goes one request at a time.
-        await receiver.wait_for(8 + 4, "/stuck", timeout=10)
+        # The first wave is the slow start's 4 requests (not the cap of 8), and they time
+        # out together; each timeout halves the cap, so what follows goes one at a time.
+        await receiver.wait_for(4 + 4, "/stuck", timeout=10)
     arrivals = [r.at for r in receiver.at("/stuck")]
     first_wave = [t for t in arrivals if t - arrivals[0] < 0.2]
-    assert len(first_wave) == 8
-    later = arrivals[8:12]
+    assert len(first_wave) == 4
+    later = arrivals[4:8]
     gaps_ = [b - a for a, b in itertools.pairwise(later)]
     assert all(gap >= 0.3 for gap in gaps_), gaps_
+
+
+async def test_rows_held_back_by_a_share_are_claimed_without_waiting_for_the_poll(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """A claim gives an idle endpoint a slow start's share (8 of the 40 due): the rest is
+    claimed as soon as its requests end, not at the next poll (30 s here)."""
+    await subscribe(db, receiver.url("/share"), ["share.*"])
+    settings = settings_for(database, max_in_flight=64, max_per_endpoint=64, poll_interval=30.0)
+    async with daemon(settings):
+        await publish(db, event="share.create.v0", count=40)
+        await receiver.wait_for(40, "/share", timeout=5)
+
+
+async def test_an_idle_endpoint_starts_slow_and_ramps_to_its_full_cap(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """4 requests at first, one more per answer: a healthy endpoint reaches its cap (16)
+    within a few round trips and keeps it while it stays busy."""
+    now = peak = 0
+    concurrency: list[int] = []
+
+    async def answer_in_30ms(request: web.Request) -> web.Response:
+        nonlocal now, peak
+        now += 1
+        concurrency.append(now)
+        await asyncio.sleep(0.03)
+        now -= 1
+        return web.Response(text="ok")
+
+    await subscribe(db, receiver.url("/ramp"), ["ramp.*"])
+    receiver.plan("/ramp", then=answer_in_30ms)
+    settings = settings_for(database, max_in_flight=64, max_per_endpoint=16)
+    async with daemon(settings):
+        await publish(db, event="ramp.create.v0", count=300)
+        await receiver.wait_for(300, "/ramp", timeout=20)
+    # The receiver answers a wave at once: each wave's peak is the endpoint's cap then.
+    peaks = [max(wave) for wave in _waves(concurrency)]
+    assert peaks[0] == 4, peaks
+    full = peaks.index(16)
+    assert full <= 4, peaks
+    # Busy, it never starts slow again (the backlog's last wave may be short).
+    assert min(peaks[full:-1]) > 4, peaks
+
+
+def _waves(counts: list[int]) -> list[list[int]]:
+    """Split requests-in-progress counts, taken at each arrival, where they fall back."""
+    waves: list[list[int]] = [[]]
+    for count in counts:
+        if waves[-1] and count <= waves[-1][-1]:
+            waves.append([])
+        waves[-1].append(count)
+    return waves
 
 
 async def test_a_subscription_changed_by_hand_in_sql_is_sent_with_its_new_url_and_secret(
