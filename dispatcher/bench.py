@@ -275,6 +275,10 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             ("burn: mean claim / record statement, ms", f"{b.claim_mean_ms} / {b.record_mean_ms}"),
             (f"burn: mean requests in flight (of {r.plan['concurrency']})", b.mean_in_flight),
             ("burn: peak RSS, MB", b.peak_rss_mb),
+            (
+                "burn: RSS idle before / after the burn-down, MB",
+                f"{b.rss_idle_mb} / {b.rss_after_mb}",
+            ),
         ]
         for table in sc.TABLES:
             rows.append(

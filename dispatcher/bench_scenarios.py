@@ -426,6 +426,8 @@ class Burn:
     postgres_cpu_us_per_delivery: float | None
     receiver_cpu_us_per_delivery: float | None
     peak_rss_mb: float
+    rss_idle_mb: float  # the daemon started, before the backlog
+    rss_after_mb: float  # the backlog burnt down, the daemon still running
     tables_before_kb: dict[str, int]
     tables_after_kb: dict[str, int]
     claim_mean_ms: float | None
@@ -440,12 +442,14 @@ async def burn(ctx: Context, count: int) -> Burn:
         await subscribe(ctx, env[0], "/ok/burn")
         meter = Meter(ctx)
         await meter.start()
+        rss_idle = _rss_mb()
         t0 = time.perf_counter()
         await publish(ctx, env, count)
         publish_s = time.perf_counter() - t0
         busy = daemon.metrics.attempt_seconds_total()
         elapsed = await drain(ctx, "burn", env, count, timeout=max(60.0, count / 200))
         busy = daemon.metrics.attempt_seconds_total() - busy
+        rss_after = _rss_mb()
         costs = await meter.stop()
         claim_s = daemon.metrics.mean_db_seconds("claim")
         record_s = daemon.metrics.mean_db_seconds("record")
@@ -468,6 +472,8 @@ async def burn(ctx: Context, count: int) -> Burn:
         postgres_cpu_us_per_delivery=per(costs.postgres_cpu_seconds, count),
         receiver_cpu_us_per_delivery=per(costs.receiver_cpu_seconds, count),
         peak_rss_mb=round(costs.peak_rss_mb, 1),
+        rss_idle_mb=round(rss_idle, 1),
+        rss_after_mb=round(rss_after, 1),
         tables_before_kb=costs.tables_before_kb,
         tables_after_kb=costs.tables_after_kb,
         claim_mean_ms=ms(claim_s),

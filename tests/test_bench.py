@@ -48,6 +48,8 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
         assert burn.postgres_cpu_us_per_delivery is not None
         assert burn.postgres_cpu_us_per_delivery > 0
     assert burn.mean_in_flight > 0
+    assert burn.rss_idle_mb > 0
+    assert burn.rss_after_mb > 0
     assert burn.claim_mean_ms is not None
     assert burn.record_mean_ms is not None
     assert burn.lag_p50_ms is not None
