@@ -50,10 +50,12 @@ FROM dispatcher.subscriptions
 WHERE id = ANY($1::uuid[])
 """
 
-# Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once).
+# Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once), each
+# due at $3 (unix seconds on the daemon's clock: now, or a retry's own time).
 RELEASE = """
-UPDATE dispatcher.deliveries SET due_at = to_timestamp($3::float8), lease_owner = NULL
-WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+UPDATE dispatcher.deliveries d SET due_at = to_timestamp(r.due), lease_owner = NULL
+FROM unnest($1::bigint[], $3::float8[]) AS r(id, due)
+WHERE d.id = r.id AND d.lease_owner = $2
 """
 
 # Record a batch of outcomes in one statement: append the attempts, move finished

@@ -437,12 +437,19 @@ class Worker:
         self._ready.setdefault(sid, deque()).append((mono, job))
         self._ready_count += 1
 
-    async def _release(self, deliveries: list[int], why: str) -> None:
+    async def _release(
+        self, deliveries: list[int], why: str, due: list[float] | None = None
+    ) -> None:
+        """Hand claimed rows back, due now or each at its `due` time."""
+        if due is None:
+            due = [self._clock()] * len(deliveries)
         try:
-            await self._pool.execute(queries.RELEASE, deliveries, self.owner, self._clock())
+            await self._pool.execute(queries.RELEASE, deliveries, self.owner, due)
         except _DB_ERRORS as exc:
             self._metrics.db_errors.labels("release").inc()
             log.warning("release.failed", deliveries=len(deliveries), why=why, error=str(exc))
+        else:
+            log.debug("worker.released", deliveries=len(deliveries), why=why)
 
     def _configured_cap(self, endpoint: EndpointSettings | SettingsError) -> int:
         if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
@@ -724,13 +731,17 @@ class Worker:
         """Let in-flight requests finish within the grace period; release what did not, and
         what was claimed ahead and never started."""
         self._stopping = True  # also when the loop died: _fill starts nothing more
+        now = self._clock()
         unsent = [job.message.delivery_id for q in self._ready.values() for _, job in q]
+        due = [now] * len(unsent)
         self._ready.clear()
         self._ready_count = 0
         if self._early_timer is not None:
             self._early_timer.cancel()
-        # Released as due now: at most _LOOKAHEAD before their time.
-        unsent += [delivery_id for _, delivery_id, _ in self._early]
+        # Claimed ahead of their time: released due at it, not now.
+        for at, delivery_id, _ in self._early:
+            unsent.append(delivery_id)
+            due.append(at)
         self._early.clear()
         tasks = list(self._tasks)
         if tasks:
@@ -738,14 +749,12 @@ class Worker:
                 "worker.draining", in_flight=len(tasks), grace_period=self._settings.grace_period
             )
             _, pending = await asyncio.wait(tasks, timeout=self._settings.grace_period)
-            unsent += [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
+            cut = [self._tasks[t].message.delivery_id for t in pending if t in self._tasks]
+            unsent += cut
+            due += [self._clock()] * len(cut)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         if unsent:
-            try:
-                await self._pool.execute(queries.RELEASE, unsent, self.owner, self._clock())
-                log.info("worker.released", deliveries=len(unsent))
-            except _DB_ERRORS as exc:
-                log.warning("release.failed", deliveries=len(unsent), error=str(exc))
+            await self._release(unsent, "stop", due)
         await self.recorder.flush(give_up_after=self._settings.grace_period)

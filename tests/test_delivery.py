@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from dispatcher import worker
 from dispatcher.config import SecuritySettings
 
 from .helpers import (
@@ -263,6 +264,37 @@ async def test_an_endpoint_that_times_out_is_throttled_to_few_slots(
     later = arrivals[4:8]
     gaps_ = [b - a for a, b in itertools.pairwise(later)]
     assert all(gap >= 0.3 for gap in gaps_), gaps_
+
+
+async def test_a_delivery_claimed_ahead_of_its_time_is_released_due_at_it_on_stop(
+    database: str,
+    db: asyncpg.Connection,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claims take what falls due within the look-ahead (5 s here, 50 ms by default); at a
+    stop such a delivery goes back due at its own time, or another instance would send it
+    early."""
+    monkeypatch.setattr(worker, "_LOOKAHEAD", 5.0)
+    await subscribe(db, receiver.url())
+    await publish(db)
+    due = await db.fetchval(
+        "UPDATE dispatcher.deliveries SET due_at = now() + interval '3 seconds' "
+        "RETURNING extract(epoch FROM due_at)::float8"
+    )
+
+    async def claimed() -> bool:
+        owner = await db.fetchval("SELECT lease_owner FROM dispatcher.deliveries")
+        return owner is not None
+
+    async with daemon(settings_for(database)):
+        await poll_until(claimed, timeout=2.5)
+    row = await db.fetchrow(
+        "SELECT extract(epoch FROM due_at)::float8 AS due, lease_owner FROM dispatcher.deliveries"
+    )
+    assert row["lease_owner"] is None
+    assert abs(row["due"] - due) < 0.001, (row["due"], due)
+    assert receiver.requests == []
 
 
 async def test_rows_held_back_by_a_share_are_claimed_without_waiting_for_the_poll(
