@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -154,6 +155,13 @@ async def test_a_slow_endpoint_does_not_starve_healthy_ones(
             return running.worker.in_flight == 3
 
         await poll_until(only_slow_in_flight)
+
+
+async def test_startup_objects_stay_out_of_full_garbage_collections(database: str) -> None:
+    assert gc.get_freeze_count() == 0
+    async with daemon(settings_for(database)):
+        assert gc.get_freeze_count() > 10_000  # modules, pools, the app
+    assert gc.get_freeze_count() == 0  # an embedding process (tests, bench) gets them back
 
 
 async def test_paused_deliveries_wait_for_reactivation(
