@@ -223,7 +223,12 @@ class Mailer:
             self._wake.clear()
             try:
                 claimed = await self.run_once()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except (
+                asyncpg.PostgresError,
+                OSError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as exc:
                 log.warning("mail.db_failed", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, s.poll_interval * 5)

@@ -21,9 +21,12 @@ from .schedule import WakeTimer
 log = structlog.get_logger(__name__)
 
 # Errors that say the database is away or busy, not that the batch is wrong: retry it whole.
+# (asyncpg raises InternalClientError for a connection the server ended mid-transaction:
+# MagicStack/asyncpg#1069.)
 _TRANSIENT = (
     OSError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.TransactionRollbackError,
@@ -122,6 +125,9 @@ class Recorder:
                     log.warning(
                         "record.retrying", results=len(batch), error=str(exc), backoff=backoff
                     )
+                    if isinstance(exc, asyncpg.InternalClientError):
+                        # Its connection may go back to the pool in a broken state.
+                        await self._pool.expire_connections()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:

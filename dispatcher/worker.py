@@ -50,7 +50,7 @@ _READY_MAX_AGE = 2.0
 # for a whole timeout, not its full cap.
 _SLOW_START = 4
 _SLOW_START_AFTER = 30.0  # seconds without an answer
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # Claims take what falls due this soon (real seconds) and start it at its due time, so a
 # retry does not wait for the claim's round trip after it is due.
 _LOOKAHEAD = 0.05
