@@ -8,15 +8,9 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
+from .dberrors import DB_ERRORS
+
 log = structlog.get_logger(__name__)
-# The server or the network is away (asyncpg raises InternalClientError for a connection the
-# server ended mid-operation: MagicStack/asyncpg#1069).
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
 
 CHANNEL = "dispatcher_work"
 
@@ -47,7 +41,7 @@ class Listener:
         while True:
             try:
                 conn = await asyncpg.connect(self._dsn)
-            except _CONNECTION_ERRORS as exc:
+            except DB_ERRORS as exc:
                 log.warning("listen.connect_failed", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._retry_max)
@@ -64,7 +58,7 @@ class Listener:
                 for wake in self._wakers.values():
                     wake()
                 await self._watch(conn, lost)
-            except _CONNECTION_ERRORS as exc:
+            except DB_ERRORS as exc:
                 log.warning("listen.lost", error=str(exc))
             finally:
                 self.connected = False

@@ -26,6 +26,7 @@ import asyncpg
 import structlog
 
 from .config import EmailSettings
+from .dberrors import DB_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -223,12 +224,7 @@ class Mailer:
             self._wake.clear()
             try:
                 claimed = await self.run_once()
-            except (
-                asyncpg.PostgresError,
-                OSError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as exc:
+            except DB_ERRORS as exc:
                 log.warning("mail.db_failed", error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, s.poll_interval * 5)

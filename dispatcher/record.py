@@ -20,9 +20,8 @@ from .schedule import WakeTimer
 
 log = structlog.get_logger(__name__)
 
-# Errors that say the database is away or busy, not that the batch is wrong: retry it whole.
-# (asyncpg raises InternalClientError for a connection the server ended mid-transaction:
-# MagicStack/asyncpg#1069.)
+# Errors that say the database is away or busy, not that the batch is wrong: retry it whole
+# (InternalClientError: see dberrors).
 _TRANSIENT = (
     OSError,
     asyncpg.InterfaceError,

@@ -22,6 +22,7 @@ import structlog
 
 from . import queries
 from .config import DeliverySettings, SecuritySettings
+from .dberrors import DB_ERRORS
 from .envelope import Message, render
 from .metrics import Metrics
 from .netguard import URLRejectedError, check_url
@@ -50,7 +51,6 @@ _READY_MAX_AGE = 2.0
 # for a whole timeout, not its full cap.
 _SLOW_START = 4
 _SLOW_START_AFTER = 30.0  # seconds without an answer
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # Claims take what falls due this soon (real seconds) and start it at its due time, so a
 # retry does not wait for the claim's round trip after it is due.
 _LOOKAHEAD = 0.05
@@ -353,7 +353,7 @@ class Worker:
                 room,
                 2 * _SLOW_START,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
             log.warning("claim.failed", error=str(exc))
             self._want_claim = True
@@ -445,7 +445,7 @@ class Worker:
             due = [self._clock()] * len(deliveries)
         try:
             await self._pool.execute(queries.RELEASE, deliveries, self.owner, due)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("release").inc()
             log.warning("release.failed", deliveries=len(deliveries), why=why, error=str(exc))
         else:
@@ -508,7 +508,7 @@ class Worker:
             return found
         try:
             subscriptions = await self._pool.fetch(queries.SUBSCRIPTIONS, list(missing))
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             # The claimed rows keep their lease and come back when it ends.
             self._metrics.db_errors.labels("subscriptions").inc()
             log.warning("subscriptions.failed", error=str(exc))
@@ -672,7 +672,7 @@ class Worker:
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
             self._metrics.subscriptions.labels("active").set(stats["active_subscriptions"])
             self._metrics.subscriptions.labels("inactive").set(stats["inactive_subscriptions"])
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             log.warning("poll.failed", error=str(exc))
         if self._error_limits:
@@ -694,7 +694,7 @@ class Worker:
                 [lim.min_attempts for lim in limits.values()],
                 [lim.window for lim in limits.values()],
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("error_rate").inc()
             log.warning("error_rate.failed", error=str(exc))
             return
@@ -713,14 +713,14 @@ class Worker:
             dropped = await self._pool.fetchval(queries.DROP_PARTITIONS, self._retention_days)
             if dropped:
                 log.info("retention.dropped", partitions=dropped, keep_days=self._retention_days)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("maintenance").inc()
             log.warning("maintenance.failed", error=str(exc))
 
     async def _arm_next_due(self) -> None:
         try:
             due = await self._pool.fetchval(queries.NEXT_DUE)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._metrics.db_errors.labels("next_due").inc()
             log.warning("next_due.failed", error=str(exc))
             return

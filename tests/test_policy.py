@@ -22,8 +22,14 @@ from dispatcher.policy import (
 T0 = 1_700_000_000.0
 
 
-def status(code: int, at: float = T0, duration: float = 0.0) -> Outcome:
-    return Outcome(started_at=at, finished_at=at + duration, duration=duration, status=code)
+def status(code: int, at: float = T0, duration: float = 0.0, excerpt: str = "") -> Outcome:
+    return Outcome(
+        started_at=at,
+        finished_at=at + duration,
+        duration=duration,
+        status=code,
+        body_excerpt=excerpt,
+    )
 
 
 def error(kind: ErrorKind, at: float = T0) -> Outcome:
@@ -143,19 +149,7 @@ def test_other_failures_are_retried_without_action(code: int) -> None:
 
 
 def test_please_unsubscribe_me_deletes_whatever_the_status() -> None:
-    asked = Outcome(
-        started_at=T0,
-        finished_at=T0,
-        duration=0.0,
-        status=200,
-        body_excerpt="OK. PLEASE unsubscribe me",
-    )
+    asked = status(200, excerpt="OK. PLEASE unsubscribe me")
     assert decide(STORE, 1, asked, T0) == Decision(Verdict.DELIVERED, action=Action.DELETE)
-    angry = Outcome(
-        started_at=T0,
-        finished_at=T0,
-        duration=0.0,
-        status=410,
-        body_excerpt="please unsubscribe me",
-    )
+    angry = status(410, excerpt="please unsubscribe me")
     assert decide(STORE, 2, angry, T0) == Decision(Verdict.FAILED, action=Action.DELETE)
