@@ -232,7 +232,10 @@ def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
     security = state(request).settings.security
     try:
         check_url(
-            url, allow_http=security.allow_http, allow_private=security.allow_private_networks
+            url,
+            allow_http=security.allow_http,
+            allow_private=security.allow_private_networks,
+            allow_loopback=security.allow_loopback,
         )
     except URLRejectedError as exc:
         raise invalid("url", str(exc)) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -69,9 +70,16 @@ class Running:
     metrics: Metrics
 
 
+def redacted(url: str) -> str:
+    """A database URL fit for a log line: its password replaced."""
+    return re.sub(r"(://[^:/@,]*:)[^@]*@", r"\1***@", url)
+
+
 async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
-    """The configured database URL, or an embedded server started for this process."""
+    """The configured database URL, or an embedded server started for this process; one log
+    line says which."""
     if settings.database.url:
+        log.info("database.external", url=redacted(settings.database.url))
         return settings.database.url
     base = Path(settings.embedded.data_dir) if settings.embedded.data_dir else default_data_dir()
     server = EmbeddedPostgres(base)
@@ -88,7 +96,9 @@ async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
         pass  # another instance created it between our check and our CREATE
     finally:
         await conn.close()
-    return server.dsn(EMBEDDED_DATABASE)
+    dsn = server.dsn(EMBEDDED_DATABASE)
+    log.info("database.embedded", data_dir=str(server.base_dir), url=dsn)
+    return dsn
 
 
 async def apply_migrations(dsn: str) -> list[int]:
@@ -131,7 +141,10 @@ async def serve(
         )
         stack.push_async_callback(worker_pool.close)
         client = await stack.enter_async_context(
-            http_client(settings.security.allow_private_networks)
+            http_client(
+                settings.security.allow_private_networks,
+                allow_loopback=settings.security.allow_loopback,
+            )
         )
         metrics = Metrics()
         sender = Sender(
@@ -140,6 +153,7 @@ async def serve(
             clock,
             allow_http=settings.security.allow_http,
             allow_private=settings.security.allow_private_networks,
+            allow_loopback=settings.security.allow_loopback,
         )
         worker = Worker(
             worker_pool,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,38 @@ class EmbeddedError(RuntimeError):
     """The embedded server could not be prepared or started; the message says why."""
 
 
-def default_data_dir() -> Path:
-    """A dedicated folder: /var/lib/dispatcher as root, else under XDG_DATA_HOME."""
+def default_data_dir(anchor: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The embedded server's folder when `[embedded] data_dir` is empty.
+
+    Under systemd, the unit's state directory ($STATE_DIRECTORY). Otherwise one folder per
+    project: `anchor` (the folder of the config file in use, else the working directory)
+    names a subfolder of /var/lib/dispatcher as root, of $XDG_DATA_HOME/dispatcher (default
+    ~/.local/share/dispatcher) else. Two checkouts, or a test run beside a daemon, never
+    join one cluster by accident, and every command run from one project (or with one
+    config file) finds the same one.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
     if os.geteuid() == 0:
-        return Path("/var/lib/dispatcher")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "dispatcher"
+        parent = Path("/var/lib/dispatcher")
+    else:
+        home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        parent = Path(home) / "dispatcher"
+    where = (anchor or Path.cwd()).resolve()
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:10]
+    # Short enough for the Unix socket path limit, readable enough to tell projects apart.
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in where.name)[:24] or "root"
+    return parent / f"{name}-{digest}"
+
+
+def anchor_of(config_path: Path | None) -> Path:
+    """The folder a project's default data directory is keyed by: the config file's own
+    folder when one is read (not /dev/null), else the working directory."""
+    if config_path is not None and config_path.is_file():
+        return config_path.resolve().parent
+    return Path.cwd()
 
 
 def _bin_dir() -> Path:
@@ -100,7 +127,7 @@ class EmbeddedPostgres:
         self._attached = False
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@/{database}?host={self.socket_dir}"
+        return dsn_of(self.base_dir, database)
 
     def start(self) -> str:
         """Start (or join) the server; returns the DSN of its `postgres` database."""
@@ -208,16 +235,7 @@ class EmbeddedPostgres:
             raise EmbeddedError(f"{exc}\nserver log:\n{tail}") from None
 
     def _running_pid(self) -> int | None:
-        """The postmaster's pid when a server is running on our pgdata."""
-        try:
-            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if b"postgres" in cmdline else None
+        return running_pid(self.base_dir)
 
     def _live_clients(self) -> list[int]:
         live = []
@@ -262,6 +280,29 @@ class EmbeddedPostgres:
                     f"{Path(exe).name} failed ({result.returncode}): "
                     f"{out.read().decode(errors='replace')[-2000:]}"
                 )
+
+
+def dsn_of(base_dir: Path, database: str = "postgres") -> str:
+    """The URL of a database of the embedded server under `base_dir` (its Unix socket)."""
+    return f"postgresql://postgres@/{database}?host={base_dir.resolve() / 'run'}"
+
+
+def running_pid(base_dir: Path) -> int | None:
+    """The postmaster's pid when a server is running on the cluster under `base_dir`."""
+    try:
+        pid = int((base_dir / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"postgres" in cmdline else None
+
+
+def psql_path() -> Path:
+    """The psql that comes with the embedded server (any server version it can talk to)."""
+    return _bin_dir() / "psql"
 
 
 def _alive(pid: int) -> bool:
