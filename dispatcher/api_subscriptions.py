@@ -95,15 +95,23 @@ DELETE FROM dispatcher.subscriptions
 WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
 """
 
-# Over the attempts of the last $2 seconds.
+# Over the attempts of the last $2 seconds. A retry is an attempt that follows one whose
+# outcome was "retry"; the first attempt after a final one is a resend, not a retry (an attempt
+# whose predecessor lies before the window counts as a retry unless it is the first).
 STATS = """
+WITH recent AS (
+    SELECT delivery_id, attempt, duration_ms, outcome,
+           lag(outcome) OVER (PARTITION BY delivery_id ORDER BY attempt) AS before
+    FROM dispatcher.attempts
+    WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+)
 SELECT count(*) AS attempts,
        count(*) FILTER (WHERE outcome = 'delivered') AS succeeded,
        count(DISTINCT delivery_id) AS deliveries,
+       count(*) FILTER (WHERE before = 'retry' OR (before IS NULL AND attempt > 1)) AS retries,
        avg(duration_ms) AS mean_ms,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
-FROM dispatcher.attempts
-WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+FROM recent
 """
 
 OUTCOMES = """
@@ -451,7 +459,7 @@ async def stats(request: web.Request) -> web.Response:
             "error_rate": (attempts - numbers["succeeded"]) / attempts if attempts else None,
             "mean_response_ms": numbers["mean_ms"],
             "p95_response_ms": numbers["p95_ms"],
-            "retries_per_delivery": (attempts - deliveries) / deliveries if deliveries else None,
+            "retries_per_delivery": numbers["retries"] / deliveries if deliveries else None,
             "deliveries": {
                 "delivered": outcomes.get("delivered", 0),
                 "failed": outcomes.get("failed", 0),

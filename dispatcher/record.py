@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 
 from . import queries
+from .failure_log import FailureLog
 from .metrics import Metrics
 from .policy import Action, Decision, Outcome
 from .schedule import WakeTimer
@@ -62,6 +63,7 @@ class Recorder:
         interval: float,
         max_batch: int,
         on_flushed: Callable[[list[Result]], None],
+        failures: FailureLog | None = None,
     ) -> None:
         self._pool = pool
         self._owner = owner
@@ -70,6 +72,7 @@ class Recorder:
         self._interval = interval
         self._max_batch = max_batch
         self._on_flushed = on_flushed
+        self._failures = failures or FailureLog()
         self._pending: list[Result] = []
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
@@ -132,6 +135,7 @@ class Recorder:
         finally:
             self._lock.release()
         self._account(batch)
+        self._failures.note(batch)
         self._on_flushed(batch)
 
     async def _write_isolating(self, batch: list[Result]) -> None:
