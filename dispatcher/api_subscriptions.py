@@ -345,11 +345,26 @@ async def _store(
     return row
 
 
+# The same rows subscriptions_tilby_unique keeps to one.
+TILBY_TAKEN = """
+SELECT EXISTS (
+    SELECT 1 FROM dispatcher.subscriptions
+    WHERE environment_id = $1 AND profile = 'tilby' AND events[1] = $2
+)
+"""
+
+
 async def create(request: web.Request) -> web.Response:
     data = await body(request)
     environment = environment_for(request, data.get("environment_id"))
     fields = _validated(request, data)
     secret = fields["secret"] or new_secret()
+    if fields["profile"] == "tilby" and await state(request).pool.fetchval(
+        TILBY_TAKEN, environment, fields["events"][0]
+    ):
+        # Before the SUBSCRIBED test: a refused create sends the receiver nothing. (A create
+        # racing this one is still refused by the index, after its test.)
+        raise _taken()
     await _verify(request, environment, fields, secret)
     row = await _store(request, INSERT, environment, fields, secret)
     return json_response(public(row, secret=secret), 201)
@@ -480,8 +495,9 @@ RETURNING *
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    """A new signing secret; the old one keeps signing alongside for `grace_seconds`."""
-    data = await body(request)
+    """A new signing secret; the old one keeps signing alongside for `grace_seconds`. An
+    empty body means the defaults."""
+    data = await body(request, empty_ok=True)
     unknown = set(data) - {"secret", "grace_seconds"}
     if unknown:
         raise invalid(sorted(unknown)[0], "unknown field")

@@ -459,8 +459,8 @@ PAGE = [
 ]
 
 
-def _body(name: str) -> Schema:
-    return {"required": True, **_json(_ref(name))}
+def _body(name: str, *, required: bool = True) -> Schema:
+    return {"required": required, **_json(_ref(name))}
 
 
 def document() -> Schema:
@@ -524,7 +524,7 @@ def document() -> Schema:
                     "operationId": "rotateSecret",
                     "description": "A new signing secret (shown once); the previous one "
                     "keeps signing next to it for grace_seconds (default one day).",
-                    "requestBody": _body("RotateSecret"),
+                    "requestBody": _body("RotateSecret", required=False),
                     "responses": _answers(200, _ref("RotatedSubscription"), 400, 404, 413, 422),
                 },
             },
@@ -576,14 +576,14 @@ def document() -> Schema:
                         _query("until", TIME, "created before"),
                         *PAGE,
                     ],
-                    "responses": _answers(200, _ref("DeliveryPage"), 400),
+                    "responses": _answers(200, _ref("DeliveryPage"), 400, 404),
                 },
             },
             "/v1/deliveries/resend": {
                 "post": {
                     "operationId": "resendDeliveries",
                     "requestBody": _body("ResendRequest"),
-                    "responses": _answers(202, _ref("ResendJob"), 400, 413, 422),
+                    "responses": _answers(202, _ref("ResendJob"), 400, 404, 413, 422),
                 },
             },
             "/v1/deliveries/{id}": {
