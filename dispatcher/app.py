@@ -19,9 +19,10 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import migrate
+from . import clocksync, migrate
 from .admin import AdminState, build
 from .config import Settings, parse_listen
+from .dberrors import DB_ERRORS, Outage
 from .embedded import EmbeddedPostgres, default_data_dir
 from .listen import Listener
 from .mailer import Mailer
@@ -140,6 +141,12 @@ async def serve(
             reset=_keep_session,
         )
         stack.push_async_callback(worker_pool.close)
+        outage = Outage()
+        try:
+            # Before anything is claimed: leases and due times are on the database's clock.
+            await clocksync.sync(pool, clock)
+        except DB_ERRORS as exc:
+            raise StartupError(f"cannot read the database's clock: {exc}") from None
         client = await stack.enter_async_context(
             http_client(
                 settings.security.allow_private_networks,
@@ -164,8 +171,10 @@ async def serve(
             clock=clock,
             retention_days=settings.retention.days,
         )
-        mailer = Mailer(pool, settings.email, clock)
-        listener = Listener(dsn, worker.notify, also={"dispatcher_email": mailer.notify})
+        mailer = Mailer(pool, settings.email, clock, outage=outage)
+        listener = Listener(
+            dsn, worker.notify, also={"dispatcher_email": mailer.notify}, outage=outage
+        )
 
         runner = web.AppRunner(
             build(AdminState(pool, listener, metrics, settings, sender)), access_log=None
@@ -184,6 +193,7 @@ async def serve(
             asyncio.create_task(mailer.run(), name="mailer"),
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(worker.recorder.run(), name="recorder"),
+            asyncio.create_task(clocksync.keep(pool, clock, outage), name="clock"),
         ]
         work = asyncio.create_task(worker.run(), name="worker")
         stopping = asyncio.create_task(stop.wait(), name="stop")

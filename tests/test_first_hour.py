@@ -113,9 +113,7 @@ async def test_filters_naming_a_subscription_the_caller_cannot_see_answer_404(ap
     # The caller's own, and the admin's view of anyone's, still answer.
     own = await api.a.get("/v1/deliveries", "DeliveryPage", subscription_id=mine.body["id"])
     assert own.status == 200
-    admin = await api.admin.get(
-        "/v1/deliveries", "DeliveryPage", subscription_id=theirs.body["id"]
-    )
+    admin = await api.admin.get("/v1/deliveries", "DeliveryPage", subscription_id=theirs.body["id"])
     assert admin.status == 200
     job = await api.a.post("/v1/deliveries/resend", {"subscription_id": mine.body["id"]})
     assert job.status == 202
