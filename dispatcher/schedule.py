@@ -28,6 +28,11 @@ class Clock:
     def real_seconds(self, seconds: float) -> float:
         return seconds / self.rate
 
+    def wall_ns(self) -> int:
+        """Real unix time in nanoseconds, never sped up: for what others hold against their
+        own clocks (a signature's timestamp, a rotated secret's expiry)."""
+        return time.time_ns()
+
 
 class WakeTimer:
     """Earliest-first wake-up times (unix seconds).
