@@ -10,6 +10,7 @@ from .endpoints import Endpoint
 from .envelope import Message, render
 from .policy import Decision, ErrorKind, Outcome, Verdict, decide
 from .profiles import EmailOn, EndpointSettings, ErrorRateLimit, SettingsError
+from .record import Result
 from .signing import SIGNERS
 
 
@@ -23,6 +24,8 @@ class Job:
     endpoint: EndpointSettings | SettingsError
     headers: dict[str, str]
     blocked: str | None
+    # How many requests the endpoint may have in flight at most (see flow.py).
+    cap: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +39,10 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
-    """What an attempt's outcome means: the decision, the failure mail it queues, and the
-    error-rate limit to check when it failed on a subscription that has one."""
+    """What an attempt's outcome means: the result to record (the decision, the failure mail
+    it queues) and the error-rate limit to check when it failed on a subscription with one."""
 
-    decision: Decision
-    email: str | None
+    result: Result
     error_rate: ErrorRateLimit | None
 
 
@@ -64,15 +66,8 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         endpoint=endpoint.settings,
         headers=endpoint.headers,
         blocked=endpoint.blocked,
+        cap=endpoint.cap,
     )
-
-
-def configured_cap(job: Job, max_per_endpoint: int) -> int:
-    """The endpoint's own concurrency cap, else the daemon's."""
-    endpoint = job.endpoint
-    if isinstance(endpoint, EndpointSettings) and endpoint.max_in_flight is not None:
-        return endpoint.max_in_flight
-    return max_per_endpoint
 
 
 def prepare(job: Job, sent_ns: int, now: float) -> Request | Outcome:
@@ -97,17 +92,28 @@ def prepare(job: Job, sent_ns: int, now: float) -> Request | Outcome:
     return Request(body, headers, endpoint)
 
 
-def judge(job: Job, outcome: Outcome) -> Judgement:
+def judge(job: Job, outcome: Outcome, sent: bytes | None) -> Judgement:
+    """The outcome's decision and failure mail, quoting the body `sent` (None when nothing
+    was sent)."""
     endpoint = job.endpoint
     if isinstance(endpoint, SettingsError):
-        return Judgement(Decision(Verdict.FAILED), None, None)
-    decision = decide(endpoint.policy, job.attempt, outcome, job.message.created_at.timestamp())
-    failed = decision.verdict is not Verdict.DELIVERED
-    return Judgement(
+        decision, email, error_rate = Decision(Verdict.FAILED), None, None
+    else:
+        created = job.message.created_at.timestamp()
+        decision = decide(endpoint.policy, job.attempt, outcome, created)
+        email = failure_email(endpoint.email_on, decision.verdict)
+        failed = decision.verdict is not Verdict.DELIVERED
+        error_rate = endpoint.error_rate if failed else None
+    result = Result(
+        job.message.delivery_id,
+        job.message.subscription_id,
+        job.attempt,
+        outcome,
         decision,
-        failure_email(endpoint.email_on, decision.verdict),
-        endpoint.error_rate if failed else None,
+        email=email,
+        body=sent.decode(errors="replace") if email and sent is not None else None,
     )
+    return Judgement(result, error_rate)
 
 
 def failure_email(email_on: EmailOn, verdict: Verdict) -> str | None:

@@ -41,6 +41,8 @@ class Endpoint:
     settings: EndpointSettings | SettingsError
     headers: dict[str, str]
     blocked: str | None
+    # Its own max_in_flight, else the daemon's max_per_endpoint.
+    cap: int
 
     def secrets(self, now: float) -> list[str]:
         """The current signing secret first, then the previous one while it is valid."""
@@ -73,6 +75,9 @@ def build(
         )
     except URLRejectedError as exc:
         blocked = str(exc)
+    cap = delivery.max_per_endpoint
+    if isinstance(settings, EndpointSettings) and settings.max_in_flight is not None:
+        cap = settings.max_in_flight
     return Endpoint(
         url=row["url"],
         secret=row["secret"],
@@ -81,6 +86,7 @@ def build(
         settings=settings,
         headers=headers,
         blocked=blocked,
+        cap=cap,
     )
 
 

@@ -20,6 +20,7 @@ import structlog
 
 from . import attempt, queries
 from .attempt import Job, Request
+from .claim import Claims
 from .config import DeliverySettings, SecuritySettings
 from .dberrors import DB_ERRORS
 from .endpoints import Endpoints
@@ -72,7 +73,10 @@ class Worker:
             max_batch=min(settings.flush_max, self._batch),
             on_flushed=self._recorded,
         )
-        self._endpoints = Endpoints(pool, settings, security, metrics)
+        endpoints = Endpoints(pool, settings, security, metrics)
+        self._claims = Claims(
+            pool, self.owner, endpoints, metrics, self._clock, lease_seconds=settings.lease_seconds
+        )
         self._flow = Flow(settings.max_per_endpoint)
         self._queue = ReadyQueue(_READY_MAX_AGE)
         self._early_timer: asyncio.TimerHandle | None = None
@@ -166,7 +170,9 @@ class Worker:
                     if stale:
                         self._flow.dropped(job.message.subscription_id for job in stale)
                         self._ask()
-                        await self._release([job.message.delivery_id for job in stale], "stale")
+                        await self._claims.release(
+                            [job.message.delivery_id for job in stale], "stale"
+                        )
                 room = self._claimable()
                 if self._claim_now(room, mono, retry_due):
                     await self._claim(room)
@@ -196,80 +202,43 @@ class Worker:
         now = self._clock()
         # Consumed before the query: a NOTIFY or a freed slot during the await sets it again.
         self._want_claim = False
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        try:
-            rows = await self._pool.fetch(
-                queries.CLAIM,
-                now + self._lookahead,
-                limit,
-                self._settings.lease_seconds,
-                shares.full,
-                self.owner,
-                shares.busy,
-                shares.room,
-                self._flow.idle_share(),
-            )
-        except DB_ERRORS as exc:
-            self._metrics.db_errors.labels("claim").inc()
-            log.warning("claim.failed", error=str(exc))
+        due_by = now + self._lookahead
+        batch = await self._claims.take(due_by, limit, shares, self._flow.idle_share())
+        if batch is None:
             self._ask()
-            self._next_claim = loop.time() + 1.0
+            self._next_claim = asyncio.get_running_loop().time() + 1.0
             return
-        mono = loop.time()
-        self._metrics.db_seconds.labels("claim").observe(mono - began)
-        self._metrics.claims.inc()
-        self._metrics.claimed.inc(len(rows))
+        mono = batch.answered
         self._next_claim = mono + self._settings.flush_interval / 2
-        if rows:
-            # A full batch locked means more is due: claim again as slots free up, in
-            # batches. Rows held back by an idle endpoint's share (see queries.CLAIM) are
-            # claimed again at once: known now, it comes with its room next time, or is
-            # skipped when full.
-            if rows[0]["scanned"] == limit:
-                self._ask()
-            if rows[0]["shared"] < rows[0]["scanned"]:
-                self._ask()
-                self._next_claim = mono
-        excess = await self._queue_claimed(rows, now, mono)
+        # A full batch means more is due: claim again as slots free up, in batches. Rows held
+        # back by an idle endpoint's share are claimed again at once: known now, it comes
+        # with its room next time, or is skipped when full.
+        if batch.full:
+            self._ask()
+        if batch.held_back:
+            self._ask()
+            self._next_claim = mono
+        excess: list[int] = []
+        early = False
+        for due, job in batch.jobs:
+            if due > now:
+                self._queue.hold(due, job)
+                early = True
+            elif self._flow.may_claim(job.message.subscription_id, job.cap):
+                self._make_ready(job, mono, now)
+            else:
+                excess.append(job.message.delivery_id)
+        if early:
+            self._arm_early()
+        self._fill()
         if excess:
             # More than the endpoint may take soon: back to the queue, due now, for whichever
             # instance has room for it first.
             self._ask()
-            await self._release(excess, "excess")
+            await self._claims.release(excess, "excess")
 
-    async def _queue_claimed(
-        self, rows: list[asyncpg.Record], now: float, mono: float
-    ) -> list[int]:
-        """Queue the claimed rows (ready, or early until due) and start what fits; returns
-        the deliveries beyond what their endpoints may take."""
-        excess: list[int] = []
-        endpoints = await self._endpoints.of(rows)
-        wall = self._clock.wall_ns() / 1e9
-        early = False
-        for row in rows:
-            endpoint = endpoints.get(row["subscription_id"])
-            if endpoint is None:
-                # Deleted since the claim (its deliveries went with it).
-                continue
-            job = attempt.job(row, endpoint, wall)
-            if row["due_at"] > now:
-                self._queue.hold(row["due_at"], job)
-                early = True
-                continue
-            sid = job.message.subscription_id
-            configured = attempt.configured_cap(job, self._settings.max_per_endpoint)
-            if not self._flow.may_claim(sid, configured):
-                excess.append(job.message.delivery_id)
-                continue
-            self._make_ready(job, configured, mono, now)
-        if early:
-            self._arm_early()
-        self._fill()
-        return excess
-
-    def _make_ready(self, job: Job, configured: int, mono: float, now: float) -> None:
-        self._flow.queued(job.message.subscription_id, configured, now)
+    def _make_ready(self, job: Job, mono: float, now: float) -> None:
+        self._flow.queued(job.message.subscription_id, job.cap, now)
         self._queue.push(job, mono)
 
     def _arm_early(self) -> None:
@@ -290,8 +259,7 @@ class Worker:
         now = self._clock()
         mono = asyncio.get_running_loop().time()
         for job in self._queue.due(now):
-            configured = attempt.configured_cap(job, self._settings.max_per_endpoint)
-            self._make_ready(job, configured, mono, now)
+            self._make_ready(job, mono, now)
         self._arm_early()
         self._fill()
 
@@ -329,37 +297,23 @@ class Worker:
     async def _deliver(self, job: Job) -> None:
         request = attempt.prepare(job, self._clock.wall_ns(), self._clock())
         if isinstance(request, Request):
-            outcome = await self._sender.post(
-                job.url, request.body, request.headers, request.settings
-            )
+            post = self._sender.post(job.url, request.body, request.headers, request.settings)
+            outcome, sent = await post, request.body
         else:
-            outcome = request
+            outcome, sent = request, None
         sid = job.message.subscription_id
-        self._flow.answered(
-            sid, attempt.configured_cap(job, self._settings.max_per_endpoint), outcome
-        )
-        judged = attempt.judge(job, outcome)
+        self._flow.answered(sid, job.cap, outcome)
+        judged = attempt.judge(job, outcome, sent)
         if judged.error_rate is not None:
             self._failing[sid] = judged.error_rate
-        sent = request.body if isinstance(request, Request) else None
         self._unrecorded += 1
-        self.recorder.add(
-            Result(
-                job.message.delivery_id,
-                sid,
-                job.attempt,
-                outcome,
-                judged.decision,
-                email=judged.email,
-                body=sent.decode(errors="replace") if judged.email and sent is not None else None,
-            )
-        )
+        self.recorder.add(judged.result)
         log.debug(
             "delivery.attempted",
             delivery_id=job.message.delivery_id,
             attempt=job.attempt,
             status=outcome.status,
-            verdict=judged.decision.verdict.value,
+            verdict=judged.result.decision.verdict.value,
         )
         # The request is over: its slot (and its endpoint's) is free for the next one.
         self._release_slot(sid)
@@ -393,20 +347,6 @@ class Worker:
         if room >= self._batch or (room > 0 and not self._sleep_claims):
             self._wake.set()
 
-    async def _release(
-        self, deliveries: list[int], why: str, due: list[float] | None = None
-    ) -> None:
-        """Hand claimed rows back, due now or each at its `due` time."""
-        if due is None:
-            due = [self._clock()] * len(deliveries)
-        try:
-            await self._pool.execute(queries.RELEASE, deliveries, self.owner, due)
-        except DB_ERRORS as exc:
-            self._metrics.db_errors.labels("release").inc()
-            log.warning("release.failed", deliveries=len(deliveries), why=why, error=str(exc))
-        else:
-            log.debug("worker.released", deliveries=len(deliveries), why=why)
-
     async def _drain(self) -> None:
         """Let in-flight requests finish within the grace period; release what did not, and
         what was claimed ahead and never started."""
@@ -434,5 +374,5 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         if unsent:
-            await self._release(unsent, "stop", due)
+            await self._claims.release(unsent, "stop", due)
         await self.recorder.flush(give_up_after=self._settings.grace_period)

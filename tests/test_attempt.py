@@ -13,7 +13,7 @@ from dispatcher import attempt
 from dispatcher.config import DeliverySettings, SecuritySettings
 from dispatcher.endpoints import Endpoint, build
 from dispatcher.policy import ErrorKind, Outcome, Verdict
-from dispatcher.profiles import EmailOn, SettingsError, resolve
+from dispatcher.profiles import EmailOn, SettingsError
 
 T0 = 1_700_000_000.0
 OPEN = SecuritySettings(allow_http=True, allow_private_networks=True)
@@ -120,22 +120,30 @@ def test_prepare_sends_nothing_it_must_not(
 
 def test_judge_fails_invalid_settings_without_a_mail() -> None:
     job = claimed(build(subscription(profile="nope"), DeliverySettings(), OPEN))
-    judged = attempt.judge(job, answer(200))
-    assert judged.decision.verdict is Verdict.FAILED
-    assert judged.email is None
+    judged = attempt.judge(job, answer(200), None)
+    assert judged.result.decision.verdict is Verdict.FAILED
+    assert judged.result.email is None
 
 
 def test_judge_names_the_error_rate_limit_of_a_failed_attempt_only() -> None:
     job = claimed(build(subscription(profile="tillhub"), DeliverySettings(), OPEN))
-    assert attempt.judge(job, answer(500)).error_rate is not None
-    assert attempt.judge(job, answer(200)).error_rate is None
+    assert attempt.judge(job, answer(500), None).error_rate is not None
+    assert attempt.judge(job, answer(200), None).error_rate is None
 
 
 def test_tilby_mails_every_failed_attempt() -> None:
     job = claimed(build(subscription(profile="tilby"), DeliverySettings(), OPEN))
-    judged = attempt.judge(job, answer(500))
-    assert judged.decision.verdict is Verdict.RETRY
-    assert judged.email == "attempt_failed"
+    judged = attempt.judge(job, answer(500), b'{"id": "p-1"}')
+    assert judged.result.decision.verdict is Verdict.RETRY
+    assert judged.result.email == "attempt_failed"
+    assert judged.result.body == '{"id": "p-1"}'
+
+
+def test_a_delivered_attempt_quotes_no_body() -> None:
+    job = claimed(build(subscription(profile="tilby"), DeliverySettings(), OPEN))
+    judged = attempt.judge(job, answer(200), b"{}")
+    assert judged.result.email is None
+    assert judged.result.body is None
 
 
 @pytest.mark.parametrize(
@@ -153,9 +161,8 @@ def test_failure_email(email_on: EmailOn, verdict: Verdict, mail: str | None) ->
     assert attempt.failure_email(email_on, verdict) == mail
 
 
-def test_configured_cap_is_the_endpoints_else_the_daemons() -> None:
-    own = claimed(build(subscription(settings='{"max_in_flight": 3}'), DeliverySettings(), OPEN))
-    assert attempt.configured_cap(own, 64) == 3
-    assert resolve("standard", {}).max_in_flight is None
-    default = claimed(build(subscription(), DeliverySettings(), OPEN))
-    assert attempt.configured_cap(default, 64) == 64
+def test_an_endpoints_cap_is_its_own_else_the_daemons() -> None:
+    settings = DeliverySettings(max_per_endpoint=64)
+    own = claimed(build(subscription(settings='{"max_in_flight": 3}'), settings, OPEN))
+    assert own.cap == 3
+    assert claimed(build(subscription(), settings, OPEN)).cap == 64

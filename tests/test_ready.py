@@ -7,6 +7,7 @@ from uuid import UUID, uuid4
 
 from dispatcher.attempt import Job
 from dispatcher.envelope import Message
+from dispatcher.profiles import SettingsError
 from dispatcher.ready import ReadyQueue
 
 T0 = 1_700_000_000.0
@@ -24,7 +25,7 @@ def job(sid: UUID) -> Job:
         created_at=datetime.fromtimestamp(T0, UTC),
         payload="{}",
     )
-    return Job(message, 1, "https://example.com/hook", ["s"], None, {}, None)  # type: ignore[arg-type]
+    return Job(message, 1, "https://example.com/hook", ["s"], SettingsError("x", "y"), {}, None, 4)
 
 
 def always(_: UUID) -> bool:
