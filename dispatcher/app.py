@@ -180,6 +180,7 @@ async def serve(
             interval=settings.delivery.poll_interval,
             retention_days=settings.retention.days,
             outage=outage,
+            clock=clock,
         )
         mailer = Mailer(pool, settings.email, clock, outage=outage)
         listener = Listener(
@@ -199,6 +200,8 @@ async def serve(
         bound_host, bound_port = runner.addresses[0][:2]
         admin_url = f"http://{bound_host}:{bound_port}"
 
+        # Before the first claim: pauses other instances were asked for, the earliest due time.
+        await upkeep.poll()
         side = [
             asyncio.create_task(mailer.run(), name="mailer"),
             asyncio.create_task(listener.run(), name="listener"),

@@ -92,15 +92,15 @@ def prepare(job: Job, sent_ns: int, now: float) -> Request | Outcome:
     return Request(body, headers, endpoint)
 
 
-def judge(job: Job, outcome: Outcome, sent: bytes | None) -> Judgement:
+def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -> Judgement:
     """The outcome's decision and failure mail, quoting the body `sent` (None when nothing
-    was sent)."""
+    was sent); `spread` places a retry in its jitter band (policy.decide)."""
     endpoint = job.endpoint
     if isinstance(endpoint, SettingsError):
         decision, email, error_rate = Decision(Verdict.FAILED), None, None
     else:
         created = job.message.created_at.timestamp()
-        decision = decide(endpoint.policy, job.attempt, outcome, created)
+        decision = decide(endpoint.policy, job.attempt, outcome, created, spread)
         email = failure_email(endpoint.email_on, decision.verdict)
         failed = decision.verdict is not Verdict.DELIVERED
         error_rate = endpoint.error_rate if failed else None

@@ -12,6 +12,7 @@ from .policy import ErrorKind, Outcome
 
 # Answers that say the endpoint is straining: its concurrency halves.
 _STRAIN = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECT, ErrorKind.NETWORK})
+_STRAIN_STATUSES = frozenset({429, 502, 503, 504})
 # An endpoint that has not answered lately starts with this many requests at once and gains
 # one per answer, doubling each round trip: one that hangs holds this few slots for a whole
 # timeout, not its full cap.
@@ -40,9 +41,10 @@ class Flow:
 
     An endpoint's cap is its configured `max_in_flight` (else the daemon's
     `max_per_endpoint`), lowered while it starts (slow start) or struggles (halved on a
-    timeout, a refused connection or a 429, one back per answer): an endpoint that holds
-    slots for long keeps few of them, so it cannot starve healthy ones. A quick 5xx frees
-    its slot at once: it is retried on its schedule, not throttled.
+    timeout, a refused connection, a 429, 502, 503 or 504, one back per answer): an
+    endpoint that holds slots for long keeps few of them, so it cannot starve healthy ones.
+    Another quick 5xx frees its slot at once: it is retried on its schedule, not throttled.
+    A 429 with a Retry-After pauses the endpoint: nothing of it starts before then.
 
     It counts, per endpoint, the requests in flight and the deliveries waiting ready; the
     worker reports each step (queued, start, answered, done, dropped).
@@ -58,6 +60,8 @@ class Flow:
         self._lowered: dict[UUID, int] = {}
         # When each endpoint last answered, on the worker's clock (see SLOW_START).
         self._answered: dict[UUID, float] = {}
+        # Endpoints told to wait (429 + Retry-After), until when on the worker's clock.
+        self._paused: dict[UUID, float] = {}
 
     def cap(self, sid: UUID) -> int:
         """How many requests the endpoint may have in flight now (never above
@@ -73,15 +77,23 @@ class Flow:
         cap = min(configured, self._lowered.get(sid, configured))
         return self._in_flight[sid] + self._waiting[sid] < CLAIM_AHEAD * cap
 
-    def shares(self) -> Shares:
-        """The claim's per-endpoint room for the endpoints with work here or a lowered cap
-        (others are idle here: queries.CLAIM gives them a slow start's share)."""
+    def shares(self, now: float = 0.0) -> Shares:
+        """The claim's per-endpoint room for the endpoints with work here, a lowered cap or
+        a pause (paused at `now`: skipped; others are idle here: queries.CLAIM gives them a
+        slow start's share)."""
+        for sid in [s for s, until in self._paused.items() if until <= now]:
+            del self._paused[sid]
         full: list[UUID] = []
         busy: list[UUID] = []
         room: list[int] = []
-        for sid in self._in_flight.keys() | self._lowered.keys() | self._waiting.keys():
+        for sid in (
+            self._in_flight.keys()
+            | self._lowered.keys()
+            | self._waiting.keys()
+            | self._paused.keys()
+        ):
             free = CLAIM_AHEAD * self.cap(sid) - self._in_flight[sid] - self._waiting[sid]
-            if free <= 0:
+            if free <= 0 or sid in self._paused:
                 full.append(sid)
             else:
                 busy.append(sid)
@@ -106,15 +118,32 @@ class Flow:
         self._waiting[sid] += 1
 
     def start(self, sid: UUID, now: float) -> bool:
-        """Start one of the endpoint's ready deliveries if its cap allows; `now` is where a
-        pause until a time (a Retry-After) would be judged."""
-        if self._in_flight[sid] >= self.cap(sid):
+        """Start one of the endpoint's ready deliveries if its cap allows and it is not
+        paused at `now`."""
+        if self._in_flight[sid] >= self.cap(sid) or self.paused_until(sid, now) is not None:
             return False
         self._waiting[sid] -= 1
         if self._waiting[sid] <= 0:
             del self._waiting[sid]
         self._in_flight[sid] += 1
         return True
+
+    def pause(self, sid: UUID, until: float) -> None:
+        """Nothing of the endpoint starts before `until` (a 429's Retry-After, here or
+        another instance's, read from Postgres by upkeep)."""
+        if len(self._paused) > _MAX_LOWERED:
+            self._paused.clear()
+        self._paused[sid] = max(until, self._paused.get(sid, until))
+
+    def paused_until(self, sid: UUID, now: float) -> float | None:
+        """When the endpoint's pause ends, if it is paused at `now`."""
+        until = self._paused.get(sid)
+        if until is None:
+            return None
+        if until <= now:
+            del self._paused[sid]
+            return None
+        return until
 
     def dropped(self, sids: Iterable[UUID]) -> None:
         """Ready deliveries went back to the queue unstarted (one entry each)."""
@@ -128,7 +157,7 @@ class Flow:
         """Adapt the endpoint's cap to an attempt's outcome."""
         current = self._lowered.get(sid, configured)
         status = outcome.status
-        if outcome.error in _STRAIN or status == 429:
+        if outcome.error in _STRAIN or status in _STRAIN_STATUSES:
             if len(self._lowered) > _MAX_LOWERED:
                 self._lowered.clear()
             self._lowered[sid] = max(1, current // 2)

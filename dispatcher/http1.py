@@ -82,6 +82,7 @@ class Response:
     status: int
     location: str | None
     body: bytes  # at most `capture` bytes of it
+    retry_after: str | None = None  # the header as sent (seconds or an HTTP date)
 
 
 def parse_target(url: str) -> Target:
@@ -125,6 +126,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self._status = 0
         self._location: str | None = None
+        self._retry_after: str | None = None
         self._chunks: list[bytes] = []
         self._kept = 0
         self._overflow = False
@@ -174,7 +176,9 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             self.abort()
         if waiter is not None and not waiter.done():
-            waiter.set_result(Response(self._status, self._location, b"".join(self._chunks)))
+            waiter.set_result(
+                Response(self._status, self._location, b"".join(self._chunks), self._retry_after)
+            )
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -224,6 +228,8 @@ class _Connection(asyncio.Protocol):
         lowered = name.lower()
         if lowered == b"location":
             self._location = value.decode("latin-1")
+        elif lowered == b"retry-after":
+            self._retry_after = value.decode("latin-1")[:100]
         elif lowered in (b"content-length", b"transfer-encoding"):
             self._framed = True
 

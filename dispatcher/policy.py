@@ -61,6 +61,8 @@ class Outcome:
     error: ErrorKind | None = None
     detail: str = ""
     body_excerpt: str = ""
+    # The answer's Retry-After, in seconds from `finished_at` (send.parse_retry_after).
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +80,20 @@ class RetryPolicy:
     growth_limit: int = 10
     max_attempts: int | None = None
     max_age: float | None = None
+    # Each delay is spread by up to +-jitter of itself, so that the deliveries that failed
+    # together (an endpoint's outage) do not all come back at once. None: 0.2 for an
+    # exponential schedule, 0 for explicit delays (which stay exact unless asked).
+    jitter: float | None = None
 
-    def delay(self, retry: int) -> float:
+    def delay(self, retry: int, spread: float = 0.5) -> float:
+        """The wait before retry `retry` (0-based); `spread` in [0, 1) picks where in the
+        jitter band it falls (0.5: the middle, no jitter)."""
         if self.delays:
-            return self.delays[min(retry, len(self.delays) - 1)]
-        return self.initial * self.factor ** min(retry, max(self.growth_limit - 1, 0))
+            base = self.delays[min(retry, len(self.delays) - 1)]
+        else:
+            base = self.initial * self.factor ** min(retry, max(self.growth_limit - 1, 0))
+        jitter = self.jitter if self.jitter is not None else (0.0 if self.delays else 0.2)
+        return base * (1.0 + jitter * (2.0 * spread - 1.0))
 
     def attempts_limit(self) -> int | None:
         if self.max_attempts is not None:
@@ -127,6 +138,13 @@ class DeliveryPolicy:
     # Statuses that deactivate the subscription, and a phrase in the body that deletes it.
     deactivate_on: frozenset[int] = frozenset()
     delete_on_body: str | None = None
+    # Answers whose Retry-After sets the earliest next attempt (never before it, at most
+    # RETRY_AFTER_MAX later than the answer).
+    retry_after_on: frozenset[int] = frozenset({429, 503})
+
+
+# The longest Retry-After honoured; a longer one waits this long.
+RETRY_AFTER_MAX = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +152,21 @@ class Decision:
     verdict: Verdict
     next_at: float | None = None
     action: Action | None = None
+    # The receiver's Retry-After (seconds) that set next_at; and, for a 429 that carried
+    # one, until when the whole endpoint waits (every delivery, not just this one).
+    retry_after: float | None = None
+    pause_until: float | None = None
 
 
-def decide(policy: DeliveryPolicy, attempt: int, outcome: Outcome, created_at: float) -> Decision:
-    """Decide after attempt number `attempt` (1-based) of an event created at `created_at`."""
+def decide(
+    policy: DeliveryPolicy,
+    attempt: int,
+    outcome: Outcome,
+    created_at: float,
+    spread: float = 0.5,
+) -> Decision:
+    """Decide after attempt number `attempt` (1-based) of an event created at `created_at`;
+    `spread` (uniform in [0, 1), 0.5 for none) places the retry in its jitter band."""
     delivered = outcome.status is not None and policy.success.accepts(outcome.status)
     if policy.delete_on_body and policy.delete_on_body in outcome.body_excerpt.lower():
         return Decision(Verdict.DELIVERED if delivered else Verdict.FAILED, action=Action.DELETE)
@@ -145,12 +174,21 @@ def decide(policy: DeliveryPolicy, attempt: int, outcome: Outcome, created_at: f
         return Decision(Verdict.DELIVERED)
     if outcome.status in policy.deactivate_on:
         return Decision(Verdict.FAILED, action=Action.DEACTIVATE)
+    honoured = None
+    if outcome.retry_after is not None and outcome.status in policy.retry_after_on:
+        honoured = min(max(outcome.retry_after, 0.0), RETRY_AFTER_MAX)
+    pause = outcome.finished_at + honoured if honoured and outcome.status == 429 else None
     if not policy.retry_on.retries(outcome):
-        return Decision(Verdict.FAILED)
+        return Decision(Verdict.FAILED, pause_until=pause)
     limit = policy.retry.attempts_limit()
     if limit is not None and attempt >= limit:
-        return Decision(Verdict.FAILED)
-    next_at = outcome.finished_at + policy.retry.delay(attempt - 1)
+        return Decision(Verdict.FAILED, pause_until=pause)
+    delay = policy.retry.delay(attempt - 1, spread)
+    if honoured is not None and honoured > delay:
+        delay = honoured
+    else:
+        honoured = None  # the schedule waits longer anyway
+    next_at = outcome.finished_at + delay
     if policy.retry.max_age is not None and next_at > created_at + policy.retry.max_age:
-        return Decision(Verdict.EXPIRED)
-    return Decision(Verdict.RETRY, next_at)
+        return Decision(Verdict.EXPIRED, pause_until=pause)
+    return Decision(Verdict.RETRY, next_at, retry_after=honoured, pause_until=pause)

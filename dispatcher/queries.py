@@ -118,6 +118,34 @@ WHERE s.id = a.subscription_id AND s.active
 
 DELETE_SUBSCRIPTIONS = "DELETE FROM dispatcher.subscriptions WHERE id = ANY($1::uuid[])"
 
+# Retry-After answers (rare, so not in RECORD): which attempts it set the next one of, and
+# which endpoints a 429 paused until when (sql/0007).
+NOTE_RETRY_AFTER = """
+UPDATE dispatcher.attempts a SET retry_after = n.seconds
+FROM unnest($1::bigint[], $2::int[], $3::float8[]) AS n(delivery_id, attempt, seconds)
+WHERE a.delivery_id = n.delivery_id AND a.attempt = n.attempt
+"""
+
+PAUSE_ENDPOINTS = """
+INSERT INTO dispatcher.endpoint_pauses AS p (subscription_id, until)
+SELECT subscription_id, to_timestamp(max(until))
+FROM unnest($1::uuid[], $2::float8[]) AS n(subscription_id, until)
+WHERE EXISTS (SELECT 1 FROM dispatcher.subscriptions s WHERE s.id = n.subscription_id)
+GROUP BY subscription_id
+ON CONFLICT (subscription_id) DO UPDATE SET until = greatest(p.until, excluded.until)
+"""
+
+# Pauses still running at $1 (the clock); the ended ones are dropped on the way.
+PAUSES = """
+WITH ended AS (
+    DELETE FROM dispatcher.endpoint_pauses
+    WHERE until <= to_timestamp($1::float8) - interval '1 hour'
+)
+SELECT subscription_id, extract(epoch FROM until)::float8 AS until
+FROM dispatcher.endpoint_pauses
+WHERE until > to_timestamp($1::float8)
+"""
+
 # Deactivate subscriptions whose failure share over their window stays at or above their
 # threshold ($1..$4: one entry per subscription with such a limit that failed lately).
 ERROR_RATE_DEACTIVATE = """

@@ -163,14 +163,29 @@ class Recorder:
     async def _write(self, batch: list[Result]) -> None:
         actions = [r for r in batch if r.decision.action is not None]
         emails = [r for r in batch if r.email is not None]
-        if not actions and not emails:
+        honoured = [r for r in batch if r.decision.retry_after is not None]
+        paused = [r for r in batch if r.decision.pause_until is not None]
+        if not actions and not emails and not honoured and not paused:
             # The common case: one statement, no transaction round trips.
             await self._record(self._pool, batch)
             return
-        # Rare: what an answer does to its subscription, and failure mails, commit with the
-        # outcomes or not at all.
+        # Rare: what an answer does to its subscription, failure mails and Retry-After, commit
+        # with the outcomes or not at all.
         async with self._pool.acquire() as conn, conn.transaction():
             await self._record(conn, batch)
+            if honoured:
+                await conn.execute(
+                    queries.NOTE_RETRY_AFTER,
+                    [r.delivery_id for r in honoured],
+                    [r.attempt for r in honoured],
+                    [r.decision.retry_after for r in honoured],
+                )
+            if paused:
+                await conn.execute(
+                    queries.PAUSE_ENDPOINTS,
+                    [r.subscription_id for r in paused],
+                    [r.decision.pause_until for r in paused],
+                )
             if emails:
                 await conn.execute(
                     queries.QUEUE_EMAILS,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -69,8 +71,9 @@ class Sender:
         excerpt = ""
         error: ErrorKind | None = None
         detail = ""
+        retry_after = None
         try:
-            status, excerpt = await self._exchange(url, body, headers, endpoint)
+            status, excerpt, retry_after = await self._exchange(url, body, headers, endpoint)
         except Exception as exc:  # every failure of the exchange becomes an outcome
             status = None
             error, detail = classify(exc)
@@ -83,12 +86,14 @@ class Sender:
             error=error,
             detail=_storable(detail[:500]),
             body_excerpt=excerpt,
+            retry_after=parse_retry_after(retry_after, time.time()) if retry_after else None,
         )
 
     async def _exchange(
         self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
-    ) -> tuple[int, str]:
-        """The request and the redirects it is allowed to follow, within one total timeout."""
+    ) -> tuple[int, str, str | None]:
+        """The request and the redirects it is allowed to follow, within one total timeout:
+        the final answer's status, the start of its body and its Retry-After header."""
         method = "POST"
         data: bytes | None = body
         target = self._client.target(url)
@@ -106,7 +111,8 @@ class Sender:
             )
             location = response.location
             if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
-                return response.status, _storable(response.body.decode("utf-8", "replace"))
+                text = _storable(response.body.decode("utf-8", "replace"))
+                return response.status, text, response.retry_after
             if hop == endpoint.max_redirects:
                 raise http1.TooManyRedirectsError(
                     f"more than {endpoint.max_redirects} redirects (last to {location})"
@@ -123,6 +129,22 @@ class Sender:
                 # As browsers do: the body is not sent again to the new place.
                 method, data = "GET", None
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110
+    10.2.3), measured from `now` (unix time); None when it is neither. A date in the past
+    means no wait."""
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # "-0000" or a date without a zone: taken as UTC
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return max(moment.timestamp() - now, 0.0)
 
 
 def _storable(text: str) -> str:

@@ -15,6 +15,7 @@ from . import queries
 from .dberrors import DB_ERRORS, Outage
 from .metrics import Metrics
 from .profiles import ErrorRateLimit
+from .schedule import Clock
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +31,9 @@ class Dispatch(Protocol):
     def notify(self) -> None:
         """Ask for a claim."""
 
+    def pause(self, sid: UUID, until: float) -> None:
+        """Start nothing of this endpoint before `until` (on the clock)."""
+
     def take_failing(self) -> dict[UUID, ErrorRateLimit]:
         """The subscriptions with an error-rate limit that failed since the last call."""
 
@@ -44,8 +48,10 @@ class Upkeep:
         interval: float,
         retention_days: int,
         outage: Outage | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._pool = pool
+        self._clock = clock or Clock()
         self._outage = outage or Outage()
         self._dispatch = dispatch
         self._metrics = metrics
@@ -66,10 +72,13 @@ class Upkeep:
             await asyncio.sleep(max(began + self._interval - loop.time(), 0.0))
 
     async def poll(self) -> None:
-        """The safety net: work other instances scheduled, gauges, failing subscriptions."""
+        """The safety net: work other instances scheduled, endpoints paused by a Retry-After
+        another instance heard, gauges, failing subscriptions."""
         await self._dispatch.rearm()
         self._dispatch.notify()
         try:
+            for row in await self._pool.fetch(queries.PAUSES, self._clock()):
+                self._dispatch.pause(row["subscription_id"], row["until"])
             stats = await self._pool.fetchrow(queries.QUEUE_STATS)
             self._metrics.queue_depth.set(stats["depth"])
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))

@@ -12,6 +12,7 @@ only for real-time deadlines (a claim's pacing, how long a job waited ready, sle
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from uuid import UUID
 
@@ -123,6 +124,10 @@ class Worker:
         self._stopping = True
         self._wake.set()
 
+    def pause(self, sid: UUID, until: float) -> None:
+        """An endpoint asked (perhaps of another instance) to be left alone until `until`."""
+        self._flow.pause(sid, until)
+
     def take_failing(self) -> dict[UUID, ErrorRateLimit]:
         failing, self._failing = self._failing, {}
         return failing
@@ -183,8 +188,15 @@ class Worker:
                     if stale:
                         self._flow.dropped(job.message.subscription_id for job in stale)
                         self._ask()
+                        # Back due now, or, for an endpoint that asked to wait, when it ends.
+                        now = self._clock()
                         await self._claims.release(
-                            [job.message.delivery_id for job in stale], "stale"
+                            [job.message.delivery_id for job in stale],
+                            "stale",
+                            [
+                                self._flow.paused_until(job.message.subscription_id, now) or now
+                                for job in stale
+                            ],
                         )
                 room = self._claimable()
                 if self._claim_now(room, mono, retry_due):
@@ -210,9 +222,9 @@ class Worker:
 
     async def _claim(self, claimable: int) -> None:
         limit = min(claimable, self._settings.claim_batch)
-        shares = self._flow.shares()
-        self._skipped = set(shares.full)
         now = self._clock()
+        shares = self._flow.shares(now)
+        self._skipped = set(shares.full)
         # Consumed before the query: a NOTIFY or a freed slot during the await sets it again.
         self._want_claim = False
         due_by = now + self._lookahead
@@ -320,9 +332,11 @@ class Worker:
             outcome, sent = request, None
         sid = job.message.subscription_id
         self._flow.answered(sid, job.cap, outcome)
-        judged = attempt.judge(job, outcome, sent)
+        judged = attempt.judge(job, outcome, sent, random.random())
         if judged.error_rate is not None:
             self._failing[sid] = judged.error_rate
+        if judged.result.decision.pause_until is not None:
+            self._flow.pause(sid, judged.result.decision.pause_until)
         self._unrecorded += 1
         self.recorder.add(judged.result)
         log.debug(

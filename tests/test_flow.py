@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from uuid import UUID, uuid4
 
+import pytest
+
 from dispatcher.flow import CLAIM_AHEAD, SLOW_START, SLOW_START_AFTER, Flow
 from dispatcher.policy import ErrorKind, Outcome
 
@@ -96,12 +98,39 @@ def test_halving_stops_at_one() -> None:
     assert flow.cap(sid) == 1
 
 
-def test_a_quick_5xx_is_an_answer_not_strain() -> None:
+def test_a_quick_500_is_an_answer_not_strain() -> None:
     flow = Flow(DEFAULT)
     sid = uuid4()
     started(flow, sid, 1, configured=8)
-    flow.answered(sid, 8, answer(503))
+    flow.answered(sid, 8, answer(500))
     assert flow.cap(sid) == SLOW_START + 1
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_an_overloaded_answer_halves_the_cap_like_a_timeout(status: int) -> None:
+    flow = Flow(DEFAULT)
+    sid = uuid4()
+    started(flow, sid, 1, configured=8)
+    flow.answered(sid, 8, answer(status))
+    assert flow.cap(sid) == SLOW_START // 2
+
+
+def test_a_paused_endpoint_starts_nothing_and_is_not_claimed_until_its_pause_ends() -> None:
+    flow = Flow(DEFAULT)
+    sid, other = uuid4(), uuid4()
+    flow.queued(sid, 8, T0)
+    flow.queued(other, 8, T0)
+    flow.pause(sid, T0 + 30)
+    assert not flow.start(sid, T0 + 29.9)
+    assert flow.start(other, T0)
+    assert flow.paused_until(sid, T0 + 10) == T0 + 30
+    assert sid in flow.shares(T0 + 10).full
+    # A later, shorter pause does not shorten it.
+    flow.pause(sid, T0 + 5)
+    assert flow.paused_until(sid, T0 + 10) == T0 + 30
+    assert sid not in flow.shares(T0 + 30).full
+    assert flow.paused_until(sid, T0 + 30) is None
+    assert flow.start(sid, T0 + 30)
 
 
 def test_a_full_endpoint_starts_more_once_a_slot_is_done() -> None:

@@ -23,6 +23,7 @@ class Dispatch:
     def __init__(self, failing: dict[UUID, ErrorRateLimit] | None = None) -> None:
         self.rearmed = 0
         self.notified = 0
+        self.paused: dict[UUID, float] = {}
         self._failing = failing or {}
 
     async def rearm(self) -> None:
@@ -30,6 +31,9 @@ class Dispatch:
 
     def notify(self) -> None:
         self.notified += 1
+
+    def pause(self, sid: UUID, until: float) -> None:
+        self.paused[sid] = until
 
     def take_failing(self) -> dict[UUID, ErrorRateLimit]:
         failing, self._failing = self._failing, {}
