@@ -30,8 +30,13 @@ class _PoolReconnects(logging.Filter):
     """asyncpg's pool (0.32) keeps its minimum of idle connections by reconnecting in the
     background, and logs each failed try with a traceback: about once a second, backing off,
     while the database is away (four in a three-second failover in tests/test_failover.py).
-    The daemon's own loops already log the outage, one JSON line each; the error on one line
-    is the useful part, and a traceback would read as a crash (and break one line a record)."""
+    The daemon's own loops already log the outage (dberrors.Outage: a line when it begins,
+    one when it ends), so these are debug lines: kept, on one line without the traceback
+    (which would read as a crash), only when the log level is debug."""
+
+    def __init__(self, keep: bool) -> None:
+        super().__init__()
+        self._keep = keep
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -41,6 +46,8 @@ class _PoolReconnects(logging.Filter):
             record.msg = "%s: %s"
             record.exc_info = None
             record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self._keep
         return True
 
 
@@ -64,4 +71,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
-    logging.getLogger("asyncpg.pool").addFilter(_PoolReconnects())
+    pool_log = logging.getLogger("asyncpg.pool")
+    for old in [f for f in pool_log.filters if isinstance(f, _PoolReconnects)]:
+        pool_log.removeFilter(old)
+    pool_log.addFilter(_PoolReconnects(keep=numeric <= logging.DEBUG))

@@ -256,13 +256,10 @@ async def test_failover_to_the_synchronous_standby_loses_nothing(
     )
 
 
-def test_a_failed_pool_reconnect_is_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
-    """asyncpg's pool logs each failed background reconnect with a traceback while the
-    database is away (the failover above saw several); logs.configure makes it one line,
-    and keeps the traceback of anything that is not the database being away."""
-    logs.configure("console", "warning")
+def _pool_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     pool_log = logging.getLogger("asyncpg.pool")
-    with caplog.at_level(logging.WARNING, logger="asyncpg.pool"):
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="asyncpg.pool"):
         for exc in (ConnectionRefusedError(111, "Connection refused"), ValueError("a bug")):
             try:
                 raise exc
@@ -270,7 +267,23 @@ def test_a_failed_pool_reconnect_is_one_log_line(caplog: pytest.LogCaptureFixtur
                 pool_log.warning(
                     "Failed to restore the pool connection floor; retrying", exc_info=True
                 )
-    away, bug = caplog.records[-2:]
+    return list(caplog.records)
+
+
+def test_a_failed_pool_reconnect_is_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncpg's pool logs each failed background reconnect with a traceback while the
+    database is away (the failover above saw several). The Outage lines say it already:
+    logs.configure drops them unless the level is debug, where they are one line each; the
+    traceback of anything that is not the database being away stays."""
+    logs.configure("console", "warning")
+    [bug] = _pool_warnings(caplog)
+    assert bug.exc_info is not None
+    logs.configure("console", "debug")
+    try:
+        away, bug = _pool_warnings(caplog)
+    finally:
+        logs.configure("console", "warning")
+    assert away.levelno == logging.DEBUG
     assert away.exc_info is None
     assert away.getMessage() == (
         "Failed to restore the pool connection floor; retrying: "
