@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -17,6 +17,7 @@ from aiohttp import web
 from .config import Settings
 from .listen import Listener
 from .metrics import Metrics
+from .models import Invalid, decode
 from .send import Sender
 from .tokens import Principal, authenticate
 
@@ -25,6 +26,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1024 * 1024
 MAX_PAGE = 200
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None)
+        answer = _error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None)
+        if "Allow" in exc.headers:
+            # RFC 9110: a 405 names the methods the resource does support.
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         log.warning("admin.unavailable", path=request.path, error=str(exc))
         return _error_body(503, "unavailable", "database unavailable, try again", None)
@@ -140,6 +146,14 @@ async def body(request: web.Request) -> dict[str, Any]:
             # PostgreSQL text and jsonb cannot store it: refuse it here, by name.
             raise invalid(key, "must not contain the NUL character (\\u0000)")
     return data
+
+
+def decoded(data: object, model: type[T]) -> T:
+    """A parsed body as its model; 422 naming the field that does not fit."""
+    try:
+        return decode(data, model)
+    except Invalid as exc:
+        raise invalid(exc.field, exc.message) from None
 
 
 def _holds_nul(value: Any) -> bool:

@@ -8,18 +8,20 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import orjson
 import structlog
 from aiohttp import web
+from msgspec import UnsetType
 
 from .api import (
     MAX_PAGE,
     ApiError,
     body,
     decode_cursor,
+    decoded,
     encode_cursor,
     environment_for,
-    invalid,
     json_response,
     not_found,
     path_int,
@@ -28,11 +30,10 @@ from .api import (
     scope,
     state,
 )
+from .models import FINISHED, STATUSES, ResendRequest
 
 log = structlog.get_logger(__name__)
 
-STATUSES = ("pending", "sending", "retrying", "paused", "delivered", "failed", "expired")
-FINISHED = ("delivered", "failed", "expired")
 RESEND_BATCH = 500
 
 # Live deliveries and finished ones, in one shape. A live row's state follows from its
@@ -238,52 +239,23 @@ def _job(row: asyncpg.Record) -> dict[str, Any]:
 
 
 def _resend_filter(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"environment_id", "subscription_id", "status", "since", "event_name", "ids"}
-    unknown = set(data) - allowed
-    if unknown:
-        raise invalid(sorted(unknown)[0], "unknown field")
+    """The job's filter as stored: every key present, unset ones null (environment: all)."""
+    asked = decoded(data, ResendRequest)
+    given = msgspec.to_builtins(asked)
     environment = (
-        environment_for(request, data.get("environment_id"))
-        if scope(request) is not None or data.get("environment_id") is not None
+        environment_for(request, given.get("environment_id"))
+        if scope(request) is not None or "environment_id" in given
         else None
     )
     out: dict[str, Any] = {"environment_id": environment}
-    subscription = data.get("subscription_id")
-    if subscription is not None:
-        try:
-            out["subscription_id"] = str(UUID(str(subscription)))
-        except ValueError:
-            raise invalid("subscription_id", "must be a UUID") from None
-    statuses = data.get("status", "failed")
-    statuses = [statuses] if isinstance(statuses, str) else statuses
-    if not isinstance(statuses, list) or not statuses or not all(s in FINISHED for s in statuses):
-        raise invalid("status", f"must be one or a list of {list(FINISHED)}")
-    out["status"] = statuses
-    since = data.get("since")
-    if since is not None:
-        try:
-            moment = datetime.fromisoformat(str(since).replace("Z", "+00:00"))
-        except ValueError:
-            raise invalid("since", "must be an ISO 8601 time") from None
-        if moment.tzinfo is None:
-            raise invalid("since", "needs a time zone (e.g. Z)")
-        out["since"] = moment.isoformat()
-    name = data.get("event_name")
-    if name is not None:
-        if not isinstance(name, str) or len(name) > 200:
-            raise invalid("event_name", "must be an event name")
-        out["event_name"] = name
-    ids = data.get("ids")
-    if ids is not None:
-        if (
-            not isinstance(ids, list)
-            or not 1 <= len(ids) <= 1000
-            or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids
-            )
-        ):
-            raise invalid("ids", "must be a list of 1 to 1000 delivery ids")
-        out["ids"] = ids
+    if "subscription_id" in given:
+        out["subscription_id"] = given["subscription_id"]
+    out["status"] = [asked.status] if isinstance(asked.status, str) else asked.status
+    if not isinstance(asked.since, UnsetType):
+        out["since"] = asked.since.isoformat()
+    for key in ("event_name", "ids"):
+        if key in given:
+            out[key] = given[key]
     return out
 
 
