@@ -23,7 +23,8 @@ FROM dispatcher.events e WHERE e.id = $1
 
 
 async def publish(request: web.Request) -> web.Response:
-    event = decoded(await body(request), EventCreate)
+    data = await body(request)
+    event = decoded(data, EventCreate)
     environment = environment_for(request, _or_none(event.environment_id))
     # body() has refused NUL characters, which text and jsonb cannot store.
     async with state(request).pool.acquire() as conn, conn.transaction():
@@ -31,7 +32,8 @@ async def publish(request: web.Request) -> web.Response:
             PUBLISH,
             environment,
             event.event_name,
-            orjson.dumps(event.payload).decode(),
+            # The payload as sent (1.0 stays 1.0), not as decoding normalised it.
+            orjson.dumps(data["payload"]).decode(),
             _or_none(event.entity_instance_id),
             _or_none(event.idempotency_key),
         )
@@ -59,9 +61,10 @@ IMPORT = "SELECT dispatcher.publish_import($1, $2, $3::text::jsonb)"
 
 async def publish_import(request: web.Request) -> web.Response:
     """Many entities at once: items and customers go out in batches of at most 80 a request."""
-    batch = decoded(await body(request), ImportCreate)
+    data = await body(request)
+    batch = decoded(data, ImportCreate)
     environment = environment_for(request, _or_none(batch.environment_id))
-    entities = batch.entities
+    entities = data["entities"]  # as sent, not as _integral read them
     events = await state(request).pool.fetchval(
         IMPORT, environment, batch.event_name, orjson.dumps(entities).decode()
     )

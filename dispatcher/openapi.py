@@ -77,6 +77,33 @@ def _body(name: str) -> Schema:
     return {"required": True, **_json(_ref(name))}
 
 
+# For a stateful client: what an answer's id opens next.
+_SUBSCRIPTION_LINKS = {
+    op: {"operationId": op, "parameters": {"id": "$response.body#/id"}}
+    for op in (
+        "getSubscription",
+        "updateSubscription",
+        "deleteSubscription",
+        "activateSubscription",
+        "deactivateSubscription",
+        "rotateSecret",
+        "subscriptionStats",
+    )
+}
+_DELIVERY_LINKS = {
+    op: {"operationId": op, "parameters": {"id": "$response.body#/items/0/id"}}
+    for op in ("getDelivery", "resendDelivery")
+}
+_JOB_LINKS = {
+    "getResendJob": {"operationId": "getResendJob", "parameters": {"id": "$response.body#/id"}}
+}
+
+
+def _linked(answers: Schema, status: int, links: Schema) -> Schema:
+    answers[str(status)]["links"] = links
+    return answers
+
+
 def document() -> Schema:
     sub = _ref("Subscription")
     return {
@@ -97,7 +124,9 @@ def document() -> Schema:
                 "post": {
                     "operationId": "createSubscription",
                     "requestBody": _body("SubscriptionCreate"),
-                    "responses": _answers(201, sub, 400, 413, 422),
+                    "responses": _linked(
+                        _answers(201, sub, 400, 413, 422), 201, _SUBSCRIPTION_LINKS
+                    ),
                 },
                 "get": {
                     "operationId": "listSubscriptions",
@@ -190,14 +219,18 @@ def document() -> Schema:
                         _query("until", TIME, "created before"),
                         *PAGE,
                     ],
-                    "responses": _answers(200, _ref("DeliveryPage"), 400),
+                    "responses": _linked(
+                        _answers(200, _ref("DeliveryPage"), 400), 200, _DELIVERY_LINKS
+                    ),
                 },
             },
             "/v1/deliveries/resend": {
                 "post": {
                     "operationId": "resendDeliveries",
                     "requestBody": _body("ResendRequest"),
-                    "responses": _answers(202, _ref("ResendJob"), 400, 413, 422),
+                    "responses": _linked(
+                        _answers(202, _ref("ResendJob"), 400, 413, 422), 202, _JOB_LINKS
+                    ),
                 },
             },
             "/v1/deliveries/{id}": {
