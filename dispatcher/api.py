@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import orjson
 import structlog
 from aiohttp import web
@@ -220,22 +219,13 @@ def query_uuid(request: web.Request, name: str) -> UUID | None:
         raise ApiError(400, "bad_query", f"{name} must be a UUID", name) from None
 
 
-def encode_cursor(*parts: object) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([str(p) for p in parts])).decode().rstrip("=")
-
-
-def decode_cursor(request: web.Request, size: int) -> list[str] | None:
+def query_cursor(request: web.Request, form: Any) -> str | None:
+    """The `cursor` query parameter, checked against its model type (`models.*Cursor`)."""
     text = request.query.get("cursor")
     if text is None:
         return None
     try:
-        parts = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (binascii.Error, ValueError):
+        cursor: str = msgspec.convert(text, form)
+    except msgspec.ValidationError:
         raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor") from None
-    if (
-        not isinstance(parts, list)
-        or len(parts) != size
-        or not all(isinstance(p, str) for p in parts)
-    ):
-        raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
-    return parts
+    return cursor

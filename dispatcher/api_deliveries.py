@@ -18,19 +18,18 @@ from .api import (
     MAX_PAGE,
     ApiError,
     body,
-    decode_cursor,
     decoded,
-    encode_cursor,
     environment_for,
     json_response,
     not_found,
     path_int,
+    query_cursor,
     query_int,
     query_uuid,
     scope,
     state,
 )
-from .models import FINISHED, STATUSES, ResendRequest
+from .models import FINISHED, STATUSES, DeliveryCursor, ResendRequest
 
 log = structlog.get_logger(__name__)
 
@@ -153,12 +152,8 @@ async def list_(request: web.Request) -> web.Response:
     if event_name is not None and len(event_name) > 200:
         raise ApiError(400, "bad_query", "event_name is too long", "event_name")
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    cursor = decode_cursor(request, 1)
-    before = None
-    if cursor is not None:
-        if not cursor[0].isdigit() or len(cursor[0]) > 18:
-            raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
-        before = int(cursor[0])
+    cursor = query_cursor(request, DeliveryCursor)
+    before = None if cursor is None else int(cursor)
     rows = await state(request).pool.fetch(
         DELIVERIES,
         scope(request),
@@ -176,7 +171,7 @@ async def list_(request: web.Request) -> web.Response:
     return json_response(
         {
             "items": [_delivery(r) for r in page],
-            "next_cursor": encode_cursor(page[-1]["id"]) if len(rows) > limit else None,
+            "next_cursor": str(page[-1]["id"]) if len(rows) > limit else None,
         }
     )
 
@@ -365,7 +360,7 @@ def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/deliveries", list_),
         web.post("/v1/deliveries/resend", resend_many),
-        web.get("/v1/deliveries/{id}", read),
-        web.post("/v1/deliveries/{id}/resend", resend_one),
+        web.get("/v1/deliveries/{id:[0-9]+}", read),
+        web.post("/v1/deliveries/{id:[0-9]+}/resend", resend_one),
         web.get("/v1/resend-jobs/{id}", read_job),
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -17,15 +17,14 @@ from .api import (
     MAX_PAGE,
     ApiError,
     body,
-    decode_cursor,
     decoded,
-    encode_cursor,
     environment_for,
     invalid,
     json_response,
     not_found,
     path_uuid,
     principal,
+    query_cursor,
     query_int,
     scope,
     state,
@@ -36,6 +35,7 @@ from .models import (
     AuthNone,
     RotateSecret,
     SubscriptionCreate,
+    SubscriptionCursor,
     SubscriptionUpdate,
 )
 from .netguard import URLRejectedError, check_url
@@ -277,26 +277,27 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    cursor = decode_cursor(request, 2)
+    cursor = query_cursor(request, SubscriptionCursor)
     after_time: Any = None
     after_id: Any = None
     if cursor is not None:
-        try:
-            after_time, after_id = datetime.fromisoformat(cursor[0]), UUID(cursor[1])
-        except ValueError:
-            raise ApiError(
-                400, "bad_query", "cursor is not one this API gave out", "cursor"
-            ) from None
+        micros, _, hex_id = cursor.partition("-")
+        after_time, after_id = EPOCH + timedelta(microseconds=int(micros)), UUID(hex=hex_id)
     rows = await state(request).pool.fetch(
         SELECT_PAGE, scope(request), after_time, after_id, limit + 1
     )
     page = rows[:limit]
-    next_cursor = (
-        encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"])
-        if len(rows) > limit
-        else None
-    )
+    next_cursor = _cursor(page[-1]) if len(rows) > limit else None
     return json_response({"items": [public(r) for r in page], "next_cursor": next_cursor})
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cursor(row: asyncpg.Record) -> str:
+    """The position after `row` (models.SubscriptionCursor)."""
+    micros = (row["created_at"] - EPOCH) // timedelta(microseconds=1)
+    return f"{micros}-{UUID(str(row['id'])).hex}"
 
 
 async def _one(request: web.Request) -> asyncpg.Record:

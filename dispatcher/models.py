@@ -44,13 +44,35 @@ EVENT_NAME_RE = _line(r"[a-z0-9_-]+\.[a-z0-9_-]+\.v[0-9]+")
 EVENT_PATTERN_RE = _line(r"(\*|[a-z0-9_-]+\.\*|[a-z0-9_-]+\.[a-z0-9_-]+\.(\*|v[0-9]+))")
 HEADER_NAME_RE = _line("[A-Za-z0-9-]{1,100}")
 # What check_url accepts, less what depends on the configuration: http(s), a host, a port
-# urlsplit can read, no credentials.
+# urlsplit can read, no credentials. The host is an RFC 3986 reg-name in ASCII (an
+# internationalised name goes in its xn-- form) or a bracketed IPv6 literal as RFC 3986
+# writes it (urlsplit refuses any other bracketed text, e.g. "[b.0]").
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LS32 = rf"({_H16}:{_H16}|{_OCTET}(\.{_OCTET}){{3}})"
+IPV6_RE = "|".join(
+    [
+        rf"({_H16}:){{6}}{_LS32}",
+        rf"::({_H16}:){{5}}{_LS32}",
+        rf"({_H16})?::({_H16}:){{4}}{_LS32}",
+        rf"(({_H16}:){{0,1}}{_H16})?::({_H16}:){{3}}{_LS32}",
+        rf"(({_H16}:){{0,2}}{_H16})?::({_H16}:){{2}}{_LS32}",
+        rf"(({_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(({_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(({_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(({_H16}:){{0,6}}{_H16})?::",
+    ]
+)
 URL_RE = (
-    r"[Hh][Tt][Tt][Pp][Ss]?://([^\s/?#@:\[\]]+|\[[0-9A-Fa-f:.]+\])"
+    rf"[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=-]+|\[({IPV6_RE})\])"
     r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
     r"([/?#].*)?"
 )
-EMAIL_RE = _line(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# A dot-atom address (RFC 5322) at a host name: what every mail server takes, and what
+# JSON Schema's `format: email` accepts. Local part at most 64 characters, domain 253.
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_RE = _line(rf"(?![^@]{{65}}){_ATEXT}+(\.{_ATEXT}+)*@(?![^@]{{254}}){_LABEL}(\.{_LABEL})+")
 
 EventName = Annotated[str, Meta(pattern=EVENT_NAME_RE, max_length=200)]
 EventPattern = Annotated[str, Meta(pattern=EVENT_PATTERN_RE, max_length=200)]
@@ -58,7 +80,15 @@ LowerName = Annotated[str, Meta(pattern=_line("[a-z0-9_-]{1,100}"))]
 HeaderName = Annotated[str, Meta(pattern=HEADER_NAME_RE)]
 Environment = Annotated[str, Meta(min_length=1, max_length=200)]
 Text200 = Annotated[str, Meta(min_length=1, max_length=200)]
-Email = Annotated[str, Meta(max_length=320, pattern=EMAIL_RE, description="local@domain.tld")]
+Email = Annotated[
+    str,
+    Meta(
+        max_length=320,
+        pattern=EMAIL_RE,
+        extra_json_schema={"format": "email"},
+        description="local@domain.tld, ASCII (an internationalised domain in its xn-- form)",
+    ),
+]
 Secret = Annotated[
     str,
     Meta(min_length=16, max_length=200, description="Signing secret; generated when not given."),
@@ -67,6 +97,23 @@ Seconds = Annotated[float, Meta(ge=0, le=30 * _DAY)]
 Timeout = Annotated[float, Meta(ge=0.001, le=300)]
 Moment = Annotated[datetime, Meta(tz=True)]
 Credential = Annotated[str, Meta(min_length=1, max_length=1000, pattern=_line("[^\n]*"))]
+# What goes into a request header as is: RFC 9110's field-content in ASCII (visible
+# characters, spaces or tabs only between them), which every receiver's parser takes.
+FIELD_VALUE_RE = _line(r"[!-~]([ \t!-~]*[!-~])?")
+HeaderValue = Annotated[str, Meta(min_length=1, max_length=1000, pattern=FIELD_VALUE_RE)]
+UserAgent = Annotated[str, Meta(min_length=1, max_length=200, pattern=FIELD_VALUE_RE)]
+
+# Page cursors: what a list gives out as next_cursor, and all a list takes back (any value
+# of the form is a valid position, so a client may keep one across restarts). Deliveries
+# page by id, newest first: the last id shown. Subscriptions by (created_at, id): the
+# last one's created_at in microseconds since 1970, "-", its id as 32 hex digits.
+DeliveryCursor = Annotated[
+    str, Meta(pattern=_line("[0-9]{1,18}"), description="next_cursor of the previous page")
+]
+SubscriptionCursor = Annotated[
+    str,
+    Meta(pattern=_line("[0-9]{1,16}-[0-9a-f]{32}"), description="next_cursor of the previous page"),
+]
 
 # The names a setting may pick, taken from the registries that implement them.
 if TYPE_CHECKING:
@@ -152,7 +199,7 @@ class Settings(Closed):
     follow_redirects: bool | UnsetType = UNSET
     max_redirects: Annotated[int, Meta(ge=0, le=50)] | UnsetType = UNSET
     verify_tls: bool | UnsetType = UNSET
-    user_agent: Text200 | UnsetType = UNSET
+    user_agent: UserAgent | UnsetType = UNSET
     envelope: EnvelopeName | UnsetType = UNSET
     signature: SignerName | UnsetType = UNSET
     signature_header: HeaderName | UnsetType | None = UNSET
@@ -179,12 +226,12 @@ class AuthBasic(Closed, tag="basic", tag_field="type"):
 
 
 class AuthBearer(Closed, tag="bearer", tag_field="type"):
-    token: Credential
+    token: HeaderValue
 
 
 class AuthHeader(Closed, tag="header", tag_field="type"):
     name: HeaderName
-    value: Credential
+    value: HeaderValue
 
 
 Auth = AuthNone | AuthBasic | AuthBearer | AuthHeader
@@ -219,13 +266,7 @@ class SubscriptionUpdate(Settings):
     active: bool | UnsetType = UNSET
     secret: Secret | UnsetType = UNSET
     auth: Auth | UnsetType | None = UNSET
-    email: (
-        Annotated[
-            str, Meta(max_length=320, pattern=EMAIL_RE, extra_json_schema={"format": "email"})
-        ]
-        | UnsetType
-        | None
-    ) = UNSET
+    email: Email | UnsetType | None = UNSET
     settings: Settings | UnsetType = UNSET
 
 
@@ -339,7 +380,7 @@ class RotatedSubscription(Subscription, kw_only=True):
 
 class SubscriptionPage(Struct):
     items: list[Subscription]
-    next_cursor: str | None
+    next_cursor: SubscriptionCursor | None
 
 
 class DeliveryCounts(Struct):
@@ -410,7 +451,7 @@ class DeliveryDetail(Delivery, kw_only=True):
 
 class DeliveryPage(Struct):
     items: list[Delivery]
-    next_cursor: str | None
+    next_cursor: DeliveryCursor | None
 
 
 class ResendJob(Struct, kw_only=True):

@@ -67,10 +67,14 @@ DELIVERY_ID_PATH = {
     "required": True,
     "schema": {"type": "integer", "minimum": 1},
 }
-PAGE = [
-    _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}),
-    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
-]
+
+
+def _page(cursor: Any) -> list[Schema]:
+    """limit and cursor; the cursor's form comes from its model type."""
+    return [
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": 200}),
+        _query("cursor", msgspec.json.schema(cursor)),
+    ]
 
 
 def _body(name: str) -> Schema:
@@ -125,12 +129,12 @@ def document() -> Schema:
                     "operationId": "createSubscription",
                     "requestBody": _body("SubscriptionCreate"),
                     "responses": _linked(
-                        _answers(201, sub, 400, 413, 422), 201, _SUBSCRIPTION_LINKS
+                        _answers(201, sub, 400, 409, 413, 422), 201, _SUBSCRIPTION_LINKS
                     ),
                 },
                 "get": {
                     "operationId": "listSubscriptions",
-                    "parameters": PAGE,
+                    "parameters": _page(models.SubscriptionCursor),
                     "responses": _answers(200, _ref("SubscriptionPage"), 400),
                 },
             },
@@ -140,7 +144,7 @@ def document() -> Schema:
                 "patch": {
                     "operationId": "updateSubscription",
                     "requestBody": _body("SubscriptionUpdate"),
-                    "responses": _answers(200, sub, 400, 404, 413, 422),
+                    "responses": _answers(200, sub, 400, 404, 409, 413, 422),
                 },
                 "delete": {
                     "operationId": "deleteSubscription",
@@ -217,7 +221,7 @@ def document() -> Schema:
                         _query("event_id", UUID_),
                         _query("since", TIME, "created at or after"),
                         _query("until", TIME, "created before"),
-                        *PAGE,
+                        *_page(models.DeliveryCursor),
                     ],
                     "responses": _linked(
                         _answers(200, _ref("DeliveryPage"), 400), 200, _DELIVERY_LINKS

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import schemathesis
+from schemathesis.generation.meta import TestPhase
 from schemathesis.generation.modes import GenerationMode
 
 ENVIRONMENT = os.environ.get("FUZZ_ENVIRONMENT", "")
@@ -44,5 +45,30 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     if case.operation.path == "/v1/subscriptions" and (
         verify or (verify is None and body.get("profile") in VERIFYING)
     ):
-        # A create that tests its URL needs one that answers 200.
+        # A create that tests its URL needs one that answers 200, and the time to get it:
+        # a generated timeout of a millisecond cannot wait for any receiver.
         body["url"] = RECEIVER
+        for where in (body, settings):
+            for key in ("timeout", "connect_timeout"):
+                if key in where:
+                    where[key] = max(where[key], 5.0)
+
+
+# Delivery ids the run has seen in list pages, and where reads and resends of those ids
+# are written (one line each) so the test can tell the list's links were followed.
+LINKS_LOG = os.environ.get("FUZZ_LINKS_LOG", "")
+_LISTED: set[int] = set()
+_FOLLOWERS = {("GET", "/v1/deliveries/{id}"), ("POST", "/v1/deliveries/{id}/resend")}
+
+
+@schemathesis.hook
+def after_call(ctx: Any, case: Any, response: Any) -> None:
+    where = (case.operation.method.upper(), case.operation.path)
+    if where == ("GET", "/v1/deliveries") and response.status_code == 200:
+        _LISTED.update(item["id"] for item in response.json()["items"])
+    elif where in _FOLLOWERS and LINKS_LOG and response.status_code < 300:
+        meta = case.meta
+        stateful = meta is not None and meta.phase.name is TestPhase.STATEFUL
+        if stateful and case.path_parameters.get("id") in _LISTED:
+            with open(LINKS_LOG, "a") as out:
+                out.write(f"{where[0]} {where[1]} {case.path_parameters['id']}\n")

@@ -31,11 +31,17 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
     await subscribe(db, receiver.url(), ["*"], environment="env-fuzz")
     # Taken now: the run may delete the subscription.
     secret = await db.fetchval("SELECT secret FROM dispatcher.subscriptions")
-    await db.execute("SELECT dispatcher.publish('env-fuzz', 'products.create.v0', '{}')")
+    # Deliveries to list, read and resend: the stateful phase follows the delivery list's
+    # links (items/0/id) only when a page has items.
+    for n in range(20):
+        await db.execute(
+            "SELECT dispatcher.publish('env-fuzz', $1, '{}')", f"products.create.v{n % 3}"
+        )
     with DaemonProcess(database, {"DISPATCHER_ADMIN_TOKEN": ADMIN_TOKEN}) as daemon:
         daemon.start(tmp_path)
         await daemon.wait_ready()
         base = f"http://127.0.0.1:{daemon.port}"
+        links = tmp_path / "links.log"
         for who in (token, ADMIN_TOKEN):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -67,11 +73,13 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
                     "PYTHONPATH": str(ROOT),
                     "FUZZ_ENVIRONMENT": "env-fuzz",
                     "FUZZ_RECEIVER": receiver.url(),
+                    "FUZZ_LINKS_LOG": str(links),
                 },
                 cwd=tmp_path,
             )
             output, _ = await asyncio.wait_for(proc.communicate(), 240)
             text = output.decode(errors="replace")
+            print(text[text.find("Examples (in") :])  # what ran, shown with -s or a failure
             assert proc.returncode == 0, (
                 text[-20000:] + "\n-- daemon --\n" + daemon.output()[-3000:]
             )
@@ -80,3 +88,7 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
         # Tokens and signing secrets never reach the log.
         for sensitive in (token, ADMIN_TOKEN, secret):
             assert sensitive not in log
+        # The stateful phase read or resent deliveries it found in a list page: the links
+        # from the delivery list were followed, not only declared.
+        followed = links.read_text() if links.exists() else ""
+        assert followed, "no delivery from a list page was read or resent"
