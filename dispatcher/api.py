@@ -131,9 +131,12 @@ def state(request: web.Request) -> AdminState:
     return request.app[STATE]
 
 
-async def body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; 400 when it is not one."""
+async def body(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request's JSON object; 400 when it is not one. With `empty_ok`, no body at all
+    is an empty object (the routes whose every field has a default)."""
     raw = await request.read()
+    if empty_ok and not raw.strip():
+        return {}
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -144,6 +144,25 @@ def _time(request: web.Request, name: str) -> datetime | None:
     return moment
 
 
+SUBSCRIPTION_VISIBLE = """
+SELECT EXISTS (
+    SELECT 1 FROM dispatcher.subscriptions
+    WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+)
+"""
+
+
+async def _check_subscription(
+    request: web.Request, subscription: UUID | None, environment: str | None
+) -> None:
+    """A filter naming a subscription the caller cannot see answers 404, as its own routes
+    do, instead of an empty result that looks like "nothing happened"."""
+    if subscription is not None and not await state(request).pool.fetchval(
+        SUBSCRIPTION_VISIBLE, subscription, environment
+    ):
+        raise not_found("subscription")
+
+
 async def list_(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
@@ -154,10 +173,12 @@ async def list_(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
     cursor = query_cursor(request, DeliveryCursor)
     before = None if cursor is None else int(cursor)
+    subscription = query_uuid(request, "subscription_id")
+    await _check_subscription(request, subscription, scope(request))
     rows = await state(request).pool.fetch(
         DELIVERIES,
         scope(request),
-        query_uuid(request, "subscription_id"),
+        subscription,
         status,
         _time(request, "since"),
         _time(request, "until"),
@@ -270,6 +291,8 @@ def _filter_args(filt: dict[str, Any], cutoff: datetime) -> list[Any]:
 async def resend_many(request: web.Request) -> web.Response:
     data = await body(request)
     filt = _resend_filter(request, data)
+    if "subscription_id" in filt:
+        await _check_subscription(request, UUID(filt["subscription_id"]), filt["environment_id"])
     pool = state(request).pool
     job = await pool.fetchrow(NEW_JOB, filt["environment_id"], orjson.dumps(filt).decode())
     jobs = request.app[RESEND_JOBS]

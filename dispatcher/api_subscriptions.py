@@ -86,15 +86,23 @@ DELETE FROM dispatcher.subscriptions
 WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
 """
 
-# Over the attempts of the last $2 seconds.
+# Over the attempts of the last $2 seconds. A retry is an attempt that follows one whose
+# outcome was "retry"; the first attempt after a final one is a resend, not a retry (an attempt
+# whose predecessor lies before the window counts as a retry unless it is the first).
 STATS = """
+WITH recent AS (
+    SELECT delivery_id, attempt, duration_ms, outcome,
+           lag(outcome) OVER (PARTITION BY delivery_id ORDER BY attempt) AS before
+    FROM dispatcher.attempts
+    WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+)
 SELECT count(*) AS attempts,
        count(*) FILTER (WHERE outcome = 'delivered') AS succeeded,
        count(DISTINCT delivery_id) AS deliveries,
+       count(*) FILTER (WHERE before = 'retry' OR (before IS NULL AND attempt > 1)) AS retries,
        avg(duration_ms) AS mean_ms,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
-FROM dispatcher.attempts
-WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+FROM recent
 """
 
 OUTCOMES = """
@@ -167,7 +175,10 @@ def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
     security = state(request).settings.security
     try:
         check_url(
-            sub.url, allow_http=security.allow_http, allow_private=security.allow_private_networks
+            sub.url,
+            allow_http=security.allow_http,
+            allow_private=security.allow_private_networks,
+            allow_loopback=security.allow_loopback,
         )
     except URLRejectedError as exc:
         raise invalid("url", str(exc)) from None
@@ -265,11 +276,26 @@ async def _store(
     return row
 
 
+# The same rows subscriptions_tilby_unique keeps to one.
+TILBY_TAKEN = """
+SELECT EXISTS (
+    SELECT 1 FROM dispatcher.subscriptions
+    WHERE environment_id = $1 AND profile = 'tilby' AND events[1] = $2
+)
+"""
+
+
 async def create(request: web.Request) -> web.Response:
     data = await body(request)
     environment = environment_for(request, data.get("environment_id"))
     fields = _validated(request, data)
     secret = fields["secret"] or new_secret()
+    if fields["profile"] == "tilby" and await state(request).pool.fetchval(
+        TILBY_TAKEN, environment, fields["events"][0]
+    ):
+        # Before the SUBSCRIBED test: a refused create sends the receiver nothing. (A create
+        # racing this one is still refused by the index, after its test.)
+        raise _taken()
     await _verify(request, environment, fields, secret)
     row = await _store(request, INSERT, environment, fields, secret)
     return json_response(public(row, secret=secret), 201)
@@ -376,7 +402,7 @@ async def stats(request: web.Request) -> web.Response:
             "error_rate": (attempts - numbers["succeeded"]) / attempts if attempts else None,
             "mean_response_ms": numbers["mean_ms"],
             "p95_response_ms": numbers["p95_ms"],
-            "retries_per_delivery": (attempts - deliveries) / deliveries if deliveries else None,
+            "retries_per_delivery": numbers["retries"] / deliveries if deliveries else None,
             "deliveries": {
                 "delivered": outcomes.get("delivered", 0),
                 "failed": outcomes.get("failed", 0),
@@ -397,8 +423,9 @@ RETURNING *
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    """A new signing secret; the old one keeps signing alongside for `grace_seconds`."""
-    asked = decoded(await body(request), RotateSecret)
+    """A new signing secret; the old one keeps signing alongside for `grace_seconds`. An
+    empty body means the defaults."""
+    asked = decoded(await body(request, empty_ok=True), RotateSecret)
     new = new_secret() if asked.secret is UNSET else asked.secret
     grace = asked.grace_seconds
     row = await state(request).pool.fetchrow(

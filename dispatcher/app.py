@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import migrate
+from . import clocksync, migrate
 from .admin import AdminState, build
 from .config import Settings, parse_listen
+from .dberrors import DB_ERRORS, Outage
 from .embedded import EmbeddedPostgres, default_data_dir
 from .listen import Listener
 from .mailer import Mailer
@@ -69,9 +71,16 @@ class Running:
     metrics: Metrics
 
 
+def redacted(url: str) -> str:
+    """A database URL fit for a log line: its password replaced."""
+    return re.sub(r"(://[^:/@,]*:)[^@]*@", r"\1***@", url)
+
+
 async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
-    """The configured database URL, or an embedded server started for this process."""
+    """The configured database URL, or an embedded server started for this process; one log
+    line says which."""
     if settings.database.url:
+        log.info("database.external", url=redacted(settings.database.url))
         return settings.database.url
     base = Path(settings.embedded.data_dir) if settings.embedded.data_dir else default_data_dir()
     server = EmbeddedPostgres(base)
@@ -88,7 +97,9 @@ async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
         pass  # another instance created it between our check and our CREATE
     finally:
         await conn.close()
-    return server.dsn(EMBEDDED_DATABASE)
+    dsn = server.dsn(EMBEDDED_DATABASE)
+    log.info("database.embedded", data_dir=str(server.base_dir), url=dsn)
+    return dsn
 
 
 async def apply_migrations(dsn: str) -> list[int]:
@@ -130,8 +141,17 @@ async def serve(
             reset=_keep_session,
         )
         stack.push_async_callback(worker_pool.close)
+        outage = Outage()
+        try:
+            # Before anything is claimed: leases and due times are on the database's clock.
+            await clocksync.sync(pool, clock)
+        except DB_ERRORS as exc:
+            raise StartupError(f"cannot read the database's clock: {exc}") from None
         client = await stack.enter_async_context(
-            http_client(settings.security.allow_private_networks)
+            http_client(
+                settings.security.allow_private_networks,
+                allow_loopback=settings.security.allow_loopback,
+            )
         )
         metrics = Metrics()
         sender = Sender(
@@ -140,6 +160,7 @@ async def serve(
             clock,
             allow_http=settings.security.allow_http,
             allow_private=settings.security.allow_private_networks,
+            allow_loopback=settings.security.allow_loopback,
         )
         worker = Worker(
             worker_pool,
@@ -150,8 +171,10 @@ async def serve(
             clock=clock,
             retention_days=settings.retention.days,
         )
-        mailer = Mailer(pool, settings.email, clock)
-        listener = Listener(dsn, worker.notify, also={"dispatcher_email": mailer.notify})
+        mailer = Mailer(pool, settings.email, clock, outage=outage)
+        listener = Listener(
+            dsn, worker.notify, also={"dispatcher_email": mailer.notify}, outage=outage
+        )
 
         runner = web.AppRunner(
             build(AdminState(pool, listener, metrics, settings, sender)), access_log=None
@@ -170,6 +193,7 @@ async def serve(
             asyncio.create_task(mailer.run(), name="mailer"),
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(worker.recorder.run(), name="recorder"),
+            asyncio.create_task(clocksync.keep(pool, clock, outage), name="clock"),
         ]
         work = asyncio.create_task(worker.run(), name="worker")
         stopping = asyncio.create_task(stop.wait(), name="stop")

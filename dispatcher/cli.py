@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -15,8 +16,15 @@ import asyncpg
 import orjson
 import structlog
 
-from . import config, logs, sdnotify, tokens
-from .app import Running, StartupError, apply_migrations, open_database, serve
+from . import config, embedded, logs, sdnotify, tokens
+from .app import (
+    EMBEDDED_DATABASE,
+    Running,
+    StartupError,
+    apply_migrations,
+    open_database,
+    serve,
+)
 from .embedded import EmbeddedError
 from .migrate import MigrationError
 
@@ -105,6 +113,38 @@ async def _publish(settings: config.Settings, args: argparse.Namespace) -> None:
         print(orjson.dumps({"event_id": str(event_id), "deliveries": deliveries}).decode())
 
 
+async def _db_url(settings: config.Settings) -> None:
+    """Print the database URL; starts nothing (the embedded server runs while a daemon does)."""
+    if settings.database.url:
+        print(settings.database.url)
+        return
+    base = Path(settings.embedded.data_dir)
+    print(embedded.dsn_of(base, EMBEDDED_DATABASE))
+    if embedded.running_pid(base) is None:
+        print(
+            f"dispatcher: the embedded server under {base} is not running: start "
+            "`dispatcher run`, or use `dispatcher psql`, which starts it for the session",
+            file=sys.stderr,
+        )
+
+
+async def _psql(settings: config.Settings, args: list[str]) -> None:
+    """psql on the daemon's database (migrated); the embedded server stays up meanwhile."""
+    async with AsyncExitStack() as stack:
+        dsn = await open_database(stack, settings)
+        await apply_migrations(dsn)
+        loop = asyncio.get_running_loop()
+        # Ctrl-C belongs to psql (it cancels a query there), not to us.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        try:
+            proc = await asyncio.create_subprocess_exec(str(embedded.psql_path()), dsn, *args)
+            code = await proc.wait()
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+    if code:
+        raise SystemExit(code)
+
+
 async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
     from . import bench
 
@@ -171,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--entity-instance-id")
     pub.add_argument("--idempotency-key")
     sub.add_parser("status", help="queue, last hour's outcomes, failing subscriptions")
+    sub.add_parser("db-url", help="print the database URL (the embedded server's when embedded)")
+    sub.add_parser(
+        "psql", help="open psql on the database; arguments after it go to psql (e.g. -c SQL)"
+    )
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token for one environment")
@@ -202,11 +246,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    path = _config_path(getattr(args, "sub_config", None) or args.config)
     try:
-        settings = config.load(_config_path(getattr(args, "sub_config", None) or args.config))
+        settings = config.load(path)
     except config.ConfigError as exc:
         sys.exit(f"dispatcher: {exc}")
+    if not settings.database.url and not settings.embedded.data_dir:
+        # Resolved here, once, so that the daemon and every command agree on it.
+        data_dir = str(embedded.default_data_dir(embedded.anchor_of(path)))
+        settings = dataclasses.replace(
+            settings, embedded=dataclasses.replace(settings.embedded, data_dir=data_dir)
+        )
     logs.configure(settings.log.format, settings.log.level)
     commands: dict[str, Callable[[], Awaitable[None]]] = {
         "run": lambda: _run(settings),
@@ -215,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         "bench": lambda: _bench(settings, args),
         "token": lambda: _token_create(settings, args),
         "status": lambda: _status(settings),
+        "db-url": lambda: _db_url(settings),
+        "psql": lambda: _psql(settings, extra),
     }
     try:
         _event_loop_run(commands[args.command]())

@@ -37,6 +37,7 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True)
 class SecuritySettings:
     allow_private_networks: bool = False
+    allow_loopback: bool = False
     allow_http: bool = False
 
 

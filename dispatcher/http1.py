@@ -262,8 +262,9 @@ class Client:
         *,
         max_idle_per_origin: int = 512,
         lookup: Lookup | None = None,
+        allow_loopback: bool = False,
     ) -> None:
-        self._resolver = GuardedResolver(allow_private, lookup)
+        self._resolver = GuardedResolver(allow_private, lookup, allow_loopback=allow_loopback)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._max_idle = max_idle_per_origin
         self._targets: dict[str, Target] = {}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
-from .dberrors import DB_ERRORS
+from .dberrors import DB_ERRORS, Backoff, Outage
 
 log = structlog.get_logger(__name__)
 
@@ -29,37 +29,39 @@ class Listener:
         *,
         retry_max: float = 5.0,
         also: Mapping[str, Callable[[], None]] | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self._dsn = dsn
+        self._outage = outage or Outage()
         # Channel -> callback; `also` adds channels heard on the same connection.
         self._wakers = {CHANNEL: on_work, **(also or {})}
         self._retry_max = retry_max
         self.connected = False
 
     async def run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(cap=self._retry_max)
         while True:
             try:
                 conn = await asyncpg.connect(self._dsn)
             except DB_ERRORS as exc:
-                log.warning("listen.connect_failed", error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._retry_max)
+                self._outage.failed("listen", exc)
+                await asyncio.sleep(backoff.next())
                 continue
+            self._outage.succeeded()
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
                 for channel in self._wakers:
                     await conn.add_listener(channel, self._notified)
                 self.connected = True
-                backoff = 0.1
+                backoff.reset()
                 log.info("listen.connected")
                 # Anything published while we were away was not heard: look now.
                 for wake in self._wakers.values():
                     wake()
                 await self._watch(conn, lost)
             except DB_ERRORS as exc:
-                log.warning("listen.lost", error=str(exc))
+                self._outage.failed("listen", exc)
             finally:
                 self.connected = False
                 if not conn.is_closed():

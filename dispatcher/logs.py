@@ -8,6 +8,8 @@ import sys
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .dberrors import DB_ERRORS
+
 
 class _MalformedRequests(logging.Filter):
     """aiohttp logs a malformed request (bad header bytes, broken framing) with a traceback;
@@ -21,6 +23,24 @@ class _MalformedRequests(logging.Filter):
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class _PoolReconnects(logging.Filter):
+    """asyncpg's pool (0.32) keeps its minimum of idle connections by reconnecting in the
+    background, and logs each failed try with a traceback: about once a second, backing off,
+    while the database is away (four in a three-second failover in tests/test_failover.py).
+    The daemon's own loops already log the outage, one JSON line each; the error on one line
+    is the useful part, and a traceback would read as a crash (and break one line a record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DB_ERRORS):
+            error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            record.args = (record.getMessage(), error)
+            record.msg = "%s: %s"
+            record.exc_info = None
+            record.exc_text = None
         return True
 
 
@@ -44,3 +64,4 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
+    logging.getLogger("asyncpg.pool").addFilter(_PoolReconnects())

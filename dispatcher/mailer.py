@@ -26,7 +26,7 @@ import asyncpg
 import structlog
 
 from .config import EmailSettings
-from .dberrors import DB_ERRORS
+from .dberrors import DB_ERRORS, Backoff, Outage
 
 log = structlog.get_logger(__name__)
 
@@ -190,8 +190,10 @@ class Mailer:
         batch: int = BATCH,
         retry_base: float = RETRY_BASE,
         retry_cap: float = RETRY_CAP,
+        outage: Outage | None = None,
     ) -> None:
         self._pool = pool
+        self._outage = outage or Outage()
         self._settings = settings
         self._clock = clock
         self._batch = batch
@@ -218,18 +220,18 @@ class Mailer:
         # socket.getfqdn may do a slow reverse lookup: once, off the loop, not per batch.
         self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         log.info("mail.started", smtp_host=s.smtp_host, smtp_port=s.smtp_port)
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             # Cleared before the claim: a notify that arrives during it is not lost.
             self._wake.clear()
             try:
                 claimed = await self.run_once()
             except DB_ERRORS as exc:
-                log.warning("mail.db_failed", error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, s.poll_interval * 5)
+                self._outage.failed("mail", exc)
+                await asyncio.sleep(backoff.next())
                 continue
-            backoff = 0.1
+            self._outage.succeeded()
+            backoff.reset()
             if claimed >= self._batch:
                 continue  # more may be due right now
             with contextlib.suppress(TimeoutError):

@@ -28,15 +28,42 @@ class URLRejectedError(ValueError):
     """A destination URL the configuration does not allow; the message says why."""
 
 
-def is_public(address: str) -> bool:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_public(address: str) -> bool:
+    ip = _ip(address)
     return ip.is_global and not ip.is_multicast
 
 
+def is_allowed(address: str, *, allow_private: bool, allow_loopback: bool = False) -> bool:
+    """Public addresses always; loopback (127.0.0.0/8, ::1) with allow_loopback; everything
+    (private, link-local, metadata, ...) with allow_private."""
+    if allow_private or is_public(address):
+        return True
+    return allow_loopback and _ip(address).is_loopback
+
+
+def ipv4_literal(host: str) -> str | None:
+    """The dotted form of a host that the C library reads as an IPv4 address: besides
+    `127.0.0.1` also `127.1`, `0x7f000001`, `2130706433` or `0177.0.0.1` (inet_aton's
+    shorthands, which getaddrinfo and so every HTTP client accept as addresses)."""
+    if not host or not all(c.isalnum() or c == "." for c in host):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 @functools.lru_cache(maxsize=4096)
-def check_url(url: str, *, allow_http: bool, allow_private: bool) -> None:
+def check_url(
+    url: str, *, allow_http: bool, allow_private: bool, allow_loopback: bool = False
+) -> None:
     """Refuse what can be refused without a DNS lookup: scheme, form, literal addresses.
 
     Cached: the send path checks every request, and a URL's verdict never changes. (Only
@@ -55,17 +82,24 @@ def check_url(url: str, *, allow_http: bool, allow_private: bool) -> None:
         raise URLRejectedError("has no host")
     if parts.username or parts.password:
         raise URLRejectedError("must not carry credentials; use the subscription's auth")
+    host = parts.hostname
     try:
-        literal = ipaddress.ip_address(parts.hostname)
+        literal = str(ipaddress.ip_address(host))
     except ValueError:
-        if parts.hostname.lower() in ("localhost", "localhost.localdomain") and not allow_private:
-            raise URLRejectedError(
-                "points at this host ([security] allow_private_networks)"
-            ) from None
-        return
-    if not allow_private and not is_public(str(literal)):
+        numeric = ipv4_literal(host)
+        if numeric is None:
+            if host.lower() in ("localhost", "localhost.localdomain") and not (
+                allow_private or allow_loopback
+            ):
+                raise URLRejectedError(
+                    "points at this host ([security] allow_loopback or allow_private_networks)"
+                ) from None
+            return
+        literal = numeric
+    if not is_allowed(literal, allow_private=allow_private, allow_loopback=allow_loopback):
+        switch = "allow_loopback or " if _ip(literal).is_loopback else ""
         raise URLRejectedError(
-            f"points at a non-public address {literal} ([security] allow_private_networks)"
+            f"points at a non-public address {literal} ([security] {switch}allow_private_networks)"
         )
 
 
@@ -77,8 +111,11 @@ class GuardedResolver:
 
     TTL = 60.0
 
-    def __init__(self, allow_private: bool, lookup: Lookup | None = None) -> None:
+    def __init__(
+        self, allow_private: bool, lookup: Lookup | None = None, *, allow_loopback: bool = False
+    ) -> None:
         self._allow_private = allow_private
+        self._allow_loopback = allow_loopback
         self._lookup = lookup
         self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
 
@@ -106,7 +143,11 @@ class GuardedResolver:
             if entry not in addresses:
                 addresses.append(entry)
         if not self._allow_private:
-            addresses = [a for a in addresses if is_public(a[1])]
+            addresses = [
+                a
+                for a in addresses
+                if is_allowed(a[1], allow_private=False, allow_loopback=self._allow_loopback)
+            ]
             if not addresses:
                 raise BlockedAddressError(f"{host} resolves only to non-public addresses")
         if len(self._cache) > 4096:

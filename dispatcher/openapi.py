@@ -77,8 +77,8 @@ def _page(cursor: Any) -> list[Schema]:
     ]
 
 
-def _body(name: str) -> Schema:
-    return {"required": True, **_json(_ref(name))}
+def _body(name: str, *, required: bool = True) -> Schema:
+    return {"required": required, **_json(_ref(name))}
 
 
 # For a stateful client: what an answer's id opens next.
@@ -171,7 +171,7 @@ def document() -> Schema:
                     "operationId": "rotateSecret",
                     "description": "A new signing secret (shown once); the previous one "
                     "keeps signing next to it for grace_seconds (default one day).",
-                    "requestBody": _body("RotateSecret"),
+                    "requestBody": _body("RotateSecret", required=False),
                     "responses": _answers(200, _ref("RotatedSubscription"), 400, 404, 413, 422),
                 },
             },
@@ -224,7 +224,7 @@ def document() -> Schema:
                         *_page(models.DeliveryCursor),
                     ],
                     "responses": _linked(
-                        _answers(200, _ref("DeliveryPage"), 400), 200, _DELIVERY_LINKS
+                        _answers(200, _ref("DeliveryPage"), 400, 404), 200, _DELIVERY_LINKS
                     ),
                 },
             },
@@ -233,7 +233,7 @@ def document() -> Schema:
                     "operationId": "resendDeliveries",
                     "requestBody": _body("ResendRequest"),
                     "responses": _linked(
-                        _answers(202, _ref("ResendJob"), 400, 413, 422), 202, _JOB_LINKS
+                        _answers(202, _ref("ResendJob"), 400, 404, 413, 422), 202, _JOB_LINKS
                     ),
                 },
             },

@@ -14,6 +14,8 @@ import asyncpg
 import structlog
 
 from . import queries
+from .dberrors import Backoff, Outage
+from .failure_log import FailureLog
 from .metrics import Metrics
 from .policy import Action, Decision, Outcome
 from .schedule import WakeTimer
@@ -62,7 +64,10 @@ class Recorder:
         interval: float,
         max_batch: int,
         on_flushed: Callable[[list[Result]], None],
+        failures: FailureLog | None = None,
+        outage: Outage | None = None,
     ) -> None:
+        self._outage = outage or Outage()
         self._pool = pool
         self._owner = owner
         self._timer = timer
@@ -70,6 +75,7 @@ class Recorder:
         self._interval = interval
         self._max_batch = max_batch
         self._on_flushed = on_flushed
+        self._failures = failures or FailureLog()
         self._pending: list[Result] = []
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
@@ -109,29 +115,30 @@ class Recorder:
                 return
             loop = asyncio.get_running_loop()
             deadline = None if give_up_after is None else loop.time() + give_up_after
-            backoff = 0.1
+            backoff = Backoff()
             while True:
                 try:
                     await asyncio.shield(self._write_isolating(batch))
+                    self._outage.succeeded()
                     break
                 except _TRANSIENT as exc:
                     self._metrics.db_errors.labels("record").inc()
-                    if deadline is not None and loop.time() + backoff > deadline:
+                    self._outage.failed("record", exc)
+                    delay = backoff.next()
+                    if deadline is not None and loop.time() + delay > deadline:
                         # Their leases run out and the deliveries are sent again: at least once.
                         log.error("record.abandoned", results=len(batch), error=str(exc))
                         self._on_flushed(batch)
                         return
-                    log.warning(
-                        "record.retrying", results=len(batch), error=str(exc), backoff=backoff
-                    )
+                    log.debug("record.retrying", results=len(batch), retry_in=delay)
                     if isinstance(exc, asyncpg.InternalClientError):
                         # Its connection may go back to the pool in a broken state.
                         await self._pool.expire_connections()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    await asyncio.sleep(delay)
         finally:
             self._lock.release()
         self._account(batch)
+        self._failures.note(batch)
         self._on_flushed(batch)
 
     async def _write_isolating(self, batch: list[Result]) -> None:

@@ -5,25 +5,36 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Clock:
-    """Unix time as the scheduler sees it.
+    """Unix time as the scheduler sees it: the database server's, read through this host's.
 
-    Production uses Clock(): the wall clock. Tests run it `rate` times faster (and may start
-    it `offset` seconds ahead), so the real loop fires a schedule of minutes or days within
-    seconds; every retry time, claim and lease is in this clock, sleeps are converted back.
+    Production uses Clock(): the wall clock, corrected by `correction`, this host's measured
+    distance to the database's clock (see clocksync.py), so that instances whose clocks
+    disagree by minutes still agree on leases and due times. Tests run it `rate` times faster
+    (and may start it `offset` seconds ahead), so the real loop fires a schedule of minutes or
+    days within seconds; every retry time, claim and lease is in this clock, sleeps are
+    converted back. `wall` is the host's clock (a test may skew it).
     """
 
     rate: float = 1.0
     offset: float = 0.0
-    origin: float = field(default_factory=time.time)
+    wall: Callable[[], float] = time.time
+    origin: float | None = None
+    correction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.origin is None:
+            self.origin = self.wall()
 
     def __call__(self) -> float:
-        now = time.time()
-        return now + self.offset + (now - self.origin) * (self.rate - 1.0)
+        now = self.wall()
+        assert self.origin is not None
+        return now + self.correction + self.offset + (now - self.origin) * (self.rate - 1.0)
 
     def real_seconds(self, seconds: float) -> float:
         return seconds / self.rate

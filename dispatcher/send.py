@@ -19,9 +19,11 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @asynccontextmanager
-async def http_client(allow_private: bool) -> AsyncIterator[http1.Client]:
+async def http_client(
+    allow_private: bool, *, allow_loopback: bool = False
+) -> AsyncIterator[http1.Client]:
     """The one HTTP client of the daemon; its resolver refuses non-public addresses."""
-    client = http1.Client(allow_private)
+    client = http1.Client(allow_private, allow_loopback=allow_loopback)
     try:
         yield client
     finally:
@@ -42,12 +44,14 @@ class Sender:
         *,
         allow_http: bool,
         allow_private: bool,
+        allow_loopback: bool = False,
     ) -> None:
         self._client = client
         self._capture = capture_bytes
         self._clock = clock
         self._allow_http = allow_http
         self._allow_private = allow_private
+        self._allow_loopback = allow_loopback
 
     async def post(
         self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
@@ -108,7 +112,12 @@ class Sender:
                     f"more than {endpoint.max_redirects} redirects (last to {location})"
                 )
             next_url = str(target.url.join(URL(location)))
-            check_url(next_url, allow_http=self._allow_http, allow_private=self._allow_private)
+            check_url(
+                next_url,
+                allow_http=self._allow_http,
+                allow_private=self._allow_private,
+                allow_loopback=self._allow_loopback,
+            )
             target = self._client.target(next_url)
             if response.status in (301, 302, 303):
                 # As browsers do: the body is not sent again to the new place.

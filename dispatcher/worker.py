@@ -557,6 +557,7 @@ class Worker:
                 row["url"],
                 allow_http=self._security.allow_http,
                 allow_private=self._security.allow_private_networks,
+                allow_loopback=self._security.allow_loopback,
             )
         except URLRejectedError as exc:
             blocked = str(exc)

@@ -294,6 +294,17 @@ async def test_private_destinations_are_refused_at_create_time(
             answer = await client.post("/v1/subscriptions", {"url": url, "events": ["*"]})
             assert answer.status == 422, url
             assert answer.body["error"]["field"] == "url"
+        # Numeric shorthands of the same addresses get the dotted form's answer.
+        for url, dotted in (
+            ("https://127.1/hook", "https://127.0.0.1/hook"),
+            ("https://0x7f000001/hook", "https://127.0.0.1/hook"),
+            ("https://2130706433/hook", "https://127.0.0.1/hook"),
+            ("https://2852039166/latest", "https://169.254.169.254/latest"),
+        ):
+            short = await client.post("/v1/subscriptions", {"url": url, "events": ["*"]})
+            full = await client.post("/v1/subscriptions", {"url": dotted, "events": ["*"]})
+            assert short.status == 422, url
+            assert short.body == full.body
         ok = await client.post(
             "/v1/subscriptions", {"url": "https://partner.example/h", "events": ["*"]}
         )

@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dispatcher.embedded import EmbeddedPostgres
+from dispatcher import embedded
+from dispatcher.embedded import EmbeddedPostgres, anchor_of, default_data_dir
 
 from .helpers import free_port
 
@@ -155,3 +156,74 @@ async def test_dispatcher_run_without_a_database_url_starts_embedded_postgres(
     text = log.read_text()
     assert "embedded.started" in text
     assert "migration.applied" in text
+
+
+def test_the_default_data_dir_is_the_units_state_directory_or_one_per_project(
+    tmp_path: Path,
+) -> None:
+    state = {"STATE_DIRECTORY": "/var/lib/dispatcher-unit:/var/lib/other"}
+    assert default_data_dir(tmp_path, state) == Path("/var/lib/dispatcher-unit")
+    one, two = tmp_path / "shop-a", tmp_path / "shop-b"
+    env = {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    assert default_data_dir(one, env) == default_data_dir(one, env)
+    assert default_data_dir(one, env) != default_data_dir(two, env)
+    assert default_data_dir(one, env).name.startswith("shop-a-")
+    parent = Path("/var/lib/dispatcher") if os.geteuid() == 0 else tmp_path / "xdg" / "dispatcher"
+    assert default_data_dir(one, env).parent == parent
+    config = one / "config.toml"
+    one.mkdir()
+    config.write_text("")
+    assert anchor_of(config) == one.resolve()
+    assert anchor_of(Path(os.devnull)) == Path.cwd()
+    assert anchor_of(None) == Path.cwd()
+
+
+def _cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DISPATCHER_") and k != "STATE_DIRECTORY"
+    }
+    env["DISPATCHER_LOG_FORMAT"] = "json"
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_two_projects_never_share_an_embedded_database() -> None:
+    projects = [Path(tempfile.mkdtemp(prefix="disp-proj-")) for _ in range(2)]
+    environ = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    data_dirs = [default_data_dir(p, environ) for p in projects]
+    try:
+        for project, environment in zip(projects, ("shop-1", "shop-2"), strict=True):
+            made = _cli(project, "token", "create", "--environment", environment)
+            assert made.returncode == 0, made.stderr
+            assert made.stdout.startswith("dsp_")
+        for project, data_dir, environment in zip(
+            projects, data_dirs, ("shop-1", "shop-2"), strict=True
+        ):
+            url = _cli(project, "db-url")
+            assert url.stdout.strip() == f"postgresql://postgres@/dispatcher?host={data_dir}/run"
+            assert "not running" in url.stderr
+            seen = _cli(
+                project, "psql", "-At", "-c", "SELECT environment_id FROM dispatcher.tokens"
+            )
+            assert seen.returncode == 0, seen.stderr
+            assert seen.stdout.split() == [environment]
+            # The one line that says which database a command or the daemon uses.
+            assert f'"data_dir": "{data_dir}"' in seen.stderr
+            assert '"event": "database.embedded"' in seen.stderr
+            assert embedded.running_pid(data_dir) is None, "psql's server stops after it"
+    finally:
+        for path in (*projects, *data_dirs):
+            pid = embedded.running_pid(path)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(path, ignore_errors=True)

@@ -491,6 +491,13 @@ def test_public_addresses_are_public(address: str) -> None:
         ("https://[fd00::2]/hook", "non-public address"),
         ("https://[fe80::1]/hook", "non-public address"),
         ("https://[::ffff:127.0.0.1]/hook", "non-public address"),
+        # inet_aton's shorthands name the same addresses, in the same words.
+        ("https://127.1/hook", "non-public address 127.0.0.1 "),
+        ("https://0x7f000001/hook", "non-public address 127.0.0.1 "),
+        ("https://2130706433/hook", "non-public address 127.0.0.1 "),
+        ("https://0177.0.0.1/hook", "non-public address 127.0.0.1 "),
+        ("https://2852039166/latest/meta-data/", "non-public address 169.254.169.254 "),
+        ("https://10.1/hook", "non-public address 10.0.0.1 "),
         ("https://localhost/hook", "points at this host"),
         ("https://LOCALHOST:8443/hook", "points at this host"),
         ("ftp://example.com/hook", "http(s)"),
@@ -521,6 +528,39 @@ def test_check_url_accepts_public_https_and_what_the_configuration_allows() -> N
     # http stays refused with private networks allowed.
     with pytest.raises(URLRejectedError, match="https"):
         check_url("http://127.0.0.1/", allow_http=False, allow_private=True)
+
+
+def test_allow_loopback_opens_loopback_only() -> None:
+    loopback = {"allow_http": True, "allow_private": False, "allow_loopback": True}
+    for url in (
+        "http://127.0.0.1:9000/hook",
+        "http://127.1:9000/hook",
+        "http://127.8.9.10/hook",
+        "http://[::1]:9000/hook",
+        "http://localhost:9000/hook",
+    ):
+        check_url(url, **loopback)
+    for url, address in (
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+        ("http://2852039166/", "169.254.169.254"),
+        ("http://10.0.0.1/", "10.0.0.1"),
+        ("http://192.168.1.1/", "192.168.1.1"),
+        ("http://[fe80::1]/", "fe80::1"),
+    ):
+        with pytest.raises(URLRejectedError, match=rf"{address} \(\[security\] allow_private"):
+            check_url(url, **loopback)
+
+
+async def test_the_guarded_resolver_with_allow_loopback_keeps_loopback_only() -> None:
+    resolver = GuardedResolver(
+        allow_private=False, lookup=fixed_lookup("127.0.0.1"), allow_loopback=True
+    )
+    assert await resolver.resolve("receiver.test", 443) == [(socket.AF_INET, "127.0.0.1")]
+    metadata = GuardedResolver(
+        allow_private=False, lookup=fixed_lookup("169.254.169.254"), allow_loopback=True
+    )
+    with pytest.raises(BlockedAddressError, match="non-public"):
+        await metadata.resolve("metadata.test", 443)
 
 
 async def test_the_guarded_resolver_refuses_a_name_that_resolves_to_loopback() -> None:
