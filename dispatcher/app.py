@@ -1,4 +1,5 @@
-"""The composition root: database, migrations, pool, HTTP client, listener, worker, admin port.
+"""The composition root: database, migrations, pool, HTTP client, listener, worker, upkeep,
+admin port.
 
 Everything is opened in one AsyncExitStack, so the order of opening is the reverse of the
 order of closing. Signals only set the stop event.
@@ -29,6 +30,7 @@ from .mailer import Mailer
 from .metrics import Metrics
 from .schedule import Clock
 from .send import Sender, http_client
+from .upkeep import Upkeep
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -169,7 +171,15 @@ async def serve(
             settings.security,
             metrics,
             clock=clock,
+            outage=outage,
+        )
+        upkeep = Upkeep(
+            worker_pool,
+            worker,
+            metrics,
+            interval=settings.delivery.poll_interval,
             retention_days=settings.retention.days,
+            outage=outage,
         )
         mailer = Mailer(pool, settings.email, clock, outage=outage)
         listener = Listener(
@@ -194,6 +204,7 @@ async def serve(
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(worker.recorder.run(), name="recorder"),
             asyncio.create_task(clocksync.keep(pool, clock, outage), name="clock"),
+            asyncio.create_task(upkeep.run(), name="upkeep"),
         ]
         work = asyncio.create_task(worker.run(), name="worker")
         stopping = asyncio.create_task(stop.wait(), name="stop")

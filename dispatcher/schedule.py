@@ -39,6 +39,12 @@ class Clock:
     def real_seconds(self, seconds: float) -> float:
         return seconds / self.rate
 
+    def wall_ns(self) -> int:
+        """Real unix time in nanoseconds (corrected, never sped up): for what others hold
+        against their own clocks (a signature's timestamp, a rotated secret's expiry)."""
+        base = time.time_ns() if self.wall is time.time else int(self.wall() * 1e9)
+        return base + int(self.correction * 1e9)
+
 
 class WakeTimer:
     """Earliest-first wake-up times (unix seconds).

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 
@@ -110,7 +111,8 @@ async def test_postgres_restart_mid_run_loses_nothing(
 ) -> None:
     dsn = own_postgres.dsn("faults")
     receiver.plan("/hook", then=slow_ok(0.2))
-    with DaemonProcess(dsn, FAST_LEASE) as proc:
+    # At debug, each failed call is a line (database.call_failed) the test can count.
+    with DaemonProcess(dsn, {**FAST_LEASE, "DISPATCHER_LOG_LEVEL": "debug"}) as proc:
         proc.start(tmp_path)
         await proc.wait_ready()  # it applied the migrations
         db = await asyncpg.connect(dsn)
@@ -130,16 +132,20 @@ async def test_postgres_restart_mid_run_loses_nothing(
 
         await poll_until(not_ready, timeout=10)
 
-        def logged(event: str) -> int:
-            return proc.output().count(f'"event": "{event}"')
+        def logged(event: str, operation: str | None = None) -> int:
+            lines = [orjson.loads(x) for x in proc.output().splitlines() if x.startswith("{")]
+            return sum(
+                x["event"] == event and (operation is None or x.get("operation") == operation)
+                for x in lines
+            )
 
         # Down for several listener reconnects and safety polls, and long enough for the
         # outcomes of the requests in flight at the stop to wait for the database.
         async def retried_a_few_times() -> bool:
             return (
-                logged("listen.connect_failed") >= 4
-                and logged("poll.failed") >= 2
-                and logged("record.retrying") >= 1
+                logged("database.call_failed", "listen") >= 4
+                and logged("database.call_failed", "poll") >= 2
+                and logged("database.call_failed", "record") >= 1
             )
 
         await poll_until(retried_a_few_times, timeout=10)
@@ -152,6 +158,11 @@ async def test_postgres_restart_mid_run_loses_nothing(
             return await readyz(proc) == 200
 
         await poll_until(ready, timeout=30)
+        # However many calls failed, the outage is two lines at warning and info, and the
+        # claim loop backed off (100 ms doubling to 5 s) instead of spinning.
+        assert logged("database.unavailable") == 1, proc.output()
+        assert logged("database.available") == 1, proc.output()
+        assert logged("database.call_failed", "claim") < 40, proc.output()
         db = await asyncpg.connect(dsn)
         try:
             await publish(db, {"batch": "after"}, count=50)

@@ -2,7 +2,7 @@
 
 It starts an embedded PostgreSQL (or uses a given URL) and a cheap receiver on 127.0.0.1 in
 its own process. The ceiling posts the same body with a plain aiohttp client and nothing
-else; each scenario (see bench_scenarios) publishes in SQL and lets the real daemon code,
+else; each scenario (a module of this package) publishes in SQL and lets the real daemon code,
 in this process, claim, sign, send and record. Loopback only; the default run stays under
 two minutes on a 2-core machine.
 """
@@ -29,12 +29,12 @@ from uuid import uuid4
 import asyncpg
 import orjson
 
-from . import bench_scenarios as sc
-from . import config
-from .app import EMBEDDED_DATABASE, apply_migrations
-from .bench_cpu import postmaster_of
-from .embedded import EmbeddedPostgres
-from .envelope import Message, render
+from .. import config
+from ..app import EMBEDDED_DATABASE, apply_migrations
+from ..embedded import EmbeddedPostgres
+from ..envelope import Message, render
+from . import burn, ceiling, faulty, kit, memory, retries, steady
+from .cpu import postmaster_of
 
 SCENARIOS = ("burn", "steady", "faulty", "retries", "memory")
 DEFAULT_SCENARIOS = ("burn", "steady", "faulty", "retries")
@@ -69,12 +69,12 @@ class Report:
     machine: dict[str, Any]
     plan: dict[str, Any]
     wall_seconds: float
-    ceiling: sc.Ceiling | None = None
-    burn: sc.Burn | None = None
-    steady: sc.Steady | None = None
-    faulty: sc.Faulty | None = None
-    retries: sc.Retries | None = None
-    memory: sc.Memory | None = None
+    ceiling: ceiling.Ceiling | None = None
+    burn: burn.Burn | None = None
+    steady: steady.Steady | None = None
+    faulty: faulty.Faulty | None = None
+    retries: retries.Retries | None = None
+    memory: memory.Memory | None = None
     targets: list[Target] = field(default_factory=list)
 
 
@@ -117,7 +117,7 @@ async def run(
 
         mp = multiprocessing.get_context("spawn")
         ports: Queue[int] = mp.Queue()
-        receiver = mp.Process(target=sc.receiver_main, args=(ports,), daemon=True)
+        receiver = mp.Process(target=kit.receiver_main, args=(ports,), daemon=True)
         receiver.start()
         stack.callback(receiver.join, 10)
         stack.callback(receiver.terminate)
@@ -136,40 +136,40 @@ async def run(
         await apply_migrations(dsn)
         conn = await asyncpg.connect(dsn)
         stack.push_async_callback(conn.close)
-        ctx = sc.Context(
+        ctx = kit.Context(
             settings,
             f"http://127.0.0.1:{port}",
             conn,
             plan.concurrency,
-            sc.Progress(progress),
+            kit.Progress(progress),
         )
-        ctx.statements = await sc.statements_ready(conn)
+        ctx.statements = await kit.statements_ready(conn)
         ctx.receiver_pid = receiver.pid
         ctx.postmaster = await postmaster_of(conn)
         results: dict[str, Any] = {}
         chosen = set(plan.scenarios)
         if "burn" in chosen:
             half = max(1, plan.deliveries // 2)
-            before = await sc.ceiling(ctx, _body(), half)
-            burn = await sc.burn(ctx, plan.deliveries)
-            after = await sc.ceiling(ctx, _body(), max(1, plan.deliveries - half))
-            results["ceiling"] = sc.both_sides(before, after)
+            before = await ceiling.ceiling(ctx, _body(), half)
+            burned = await burn.burn(ctx, plan.deliveries)
+            after = await ceiling.ceiling(ctx, _body(), max(1, plan.deliveries - half))
+            results["ceiling"] = ceiling.both_sides(before, after)
             results["burn"] = replace(
-                burn, ratio_to_ceiling=round(burn.per_s / results["ceiling"].per_s, 3)
+                burned, ratio_to_ceiling=round(burned.per_s / results["ceiling"].per_s, 3)
             )
         elif "steady" in chosen:
-            results["ceiling"] = await sc.ceiling(ctx, _body(), plan.deliveries)
+            results["ceiling"] = await ceiling.ceiling(ctx, _body(), plan.deliveries)
         if "steady" in chosen:
             rate = results["ceiling"].per_s / 2
-            results["steady"] = await sc.steady(ctx, rate, plan.steady_seconds)
+            results["steady"] = await steady.steady(ctx, rate, plan.steady_seconds)
         if "faulty" in chosen:
-            results["faulty"] = await sc.faulty(
+            results["faulty"] = await faulty.faulty(
                 ctx, plan.faulty_deliveries, endpoints=plan.faulty_endpoints
             )
         if "retries" in chosen:
-            results["retries"] = await sc.retries(ctx, plan.retry_deliveries)
+            results["retries"] = await retries.retries(ctx, plan.retry_deliveries)
         if "memory" in chosen:
-            results["memory"] = await sc.memory(
+            results["memory"] = await memory.memory(
                 ctx, plan.memory_pending, plan.memory_in_flight, plan.memory_seconds
             )
     report = Report(
@@ -193,7 +193,7 @@ def _body() -> bytes:
             "bench",
             None,
             datetime.now(UTC),
-            sc.PAYLOAD_TEXT,
+            kit.PAYLOAD_TEXT,
         ),
         time.time_ns(),
     )
@@ -280,7 +280,7 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
                 f"{b.rss_idle_mb} / {b.rss_after_mb}",
             ),
         ]
-        for table in sc.TABLES:
+        for table in kit.TABLES:
             rows.append(
                 (
                     f"burn: {table} kB before -> after",

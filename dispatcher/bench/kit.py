@@ -1,0 +1,323 @@
+"""What the bench's scenarios share: the loopback receiver, the context, the cost meter, and
+helpers to subscribe, publish, drain and measure.
+
+Every statement the bench itself runs starts with `/*bench*/`, so pg_stat_statements can
+count the daemon's statements alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from .. import config
+from ..signing import new_secret
+from .cpu import process_seconds, server_seconds
+
+PAYLOAD = {"id": "p-1", "sku": "COFFEE-250G", "name": "Premium Coffee Beans", "price": 12.5}
+PAYLOAD_TEXT = orjson.dumps(PAYLOAD).decode()
+TAG = "/*bench*/ "
+HANG_SECONDS = 30.0  # a hanging endpoint answers after this (the subscription times out first)
+
+
+# The receiver ------------------------------------------------------------------------------
+
+
+def receiver_main(ports: Queue[int]) -> None:
+    """A cheap receiver in its own process. The first path segment picks the behaviour:
+    /ok 200, /fail 500, /hang never answers in time, /slow answers after 2 s, /flaky answers
+    500 to the first attempt of each message (by webhook-id) and 200 to the next."""
+    import uvloop
+
+    seen: set[str] = set()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        kind = request.match_info["kind"]
+        if kind == "fail":
+            return web.Response(status=500, text="no")
+        if kind == "hang":
+            await asyncio.sleep(HANG_SECONDS)
+        elif kind == "slow":
+            await asyncio.sleep(2.0)
+        elif kind == "flaky":
+            msg = request.headers.get("webhook-id", "")
+            if msg not in seen:
+                seen.add(msg)
+                return web.Response(status=500, text="not yet")
+            seen.discard(msg)
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/{kind}/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
+        ports.put(runner.addresses[0][1])
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# Progress ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Progress:
+    """One updating line on stderr (people only; off under tests)."""
+
+    enabled: bool
+    _width: int = 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            pad = max(self._width - len(text), 0)
+            sys.stderr.write("\r" + text + " " * pad)
+            sys.stderr.flush()
+            self._width = len(text)
+
+    def done(self) -> None:
+        if self.enabled and self._width:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+            self._width = 0
+
+
+# Shared context and measurements -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Context:
+    settings: config.Settings  # the daemon's, already pointed at the bench's database
+    base_url: str  # http://127.0.0.1:PORT
+    conn: asyncpg.Connection  # the bench's own connection
+    concurrency: int
+    progress: Progress
+    statements: bool = True  # pg_stat_statements available
+    receiver_pid: int | None = None
+    postmaster: int | None = None  # the PostgreSQL server's main process, when it runs here
+
+    def other_cpu(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far of the PostgreSQL server and of the receiver (None: unknown)."""
+        server = None if self.postmaster is None else server_seconds(self.postmaster)
+        receiver = None if self.receiver_pid is None else process_seconds(self.receiver_pid)
+        return server, receiver
+
+
+TABLES = ("deliveries", "deliveries_done", "attempts", "events")
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """What the database and the bench process spent during a dispatcher phase."""
+
+    statements: int | None
+    wal_bytes: int
+    cpu_seconds: float
+    postgres_cpu_seconds: float | None
+    receiver_cpu_seconds: float | None
+    peak_rss_mb: float
+    tables_before_kb: dict[str, int]
+    tables_after_kb: dict[str, int]
+
+
+async def table_sizes(conn: asyncpg.Connection) -> dict[str, int]:
+    """Each table's size in kB, partitions and indexes included."""
+    sizes: dict[str, int] = {}
+    for name in TABLES:
+        size = await conn.fetchval(
+            TAG + "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
+            "FROM pg_partition_tree($1::regclass)",
+            f"dispatcher.{name}",
+        )
+        sizes[name] = int(size) // 1024
+    return sizes
+
+
+async def statements_ready(conn: asyncpg.Connection) -> bool:
+    try:
+        await conn.execute(TAG + "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute(TAG + "SELECT pg_stat_statements_reset()")
+    except asyncpg.PostgresError:
+        return False
+    return True
+
+
+class Meter:
+    """Opens a measured span: statements, WAL, CPU of this process, table sizes."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._lsn = ""
+        self._cpu = 0.0
+        self._others: tuple[float | None, float | None] = (None, None)
+        self._tables: dict[str, int] = {}
+
+    async def start(self) -> None:
+        conn = self._ctx.conn
+        self._tables = await table_sizes(conn)
+        if self._ctx.statements:
+            await conn.execute(TAG + "SELECT pg_stat_statements_reset()")
+        # The insert position: with synchronous_commit off, the write position can lag behind.
+        self._lsn = await conn.fetchval(TAG + "SELECT pg_current_wal_insert_lsn()::text")
+        self._cpu = time.process_time()
+        self._others = self._ctx.other_cpu()
+
+    async def stop(self) -> Costs:
+        cpu = time.process_time() - self._cpu
+        postgres, receiver = _spent(self._others, self._ctx.other_cpu())
+        conn = self._ctx.conn
+        wal = await conn.fetchval(
+            TAG + "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self._lsn
+        )
+        statements = None
+        if self._ctx.statements:
+            statements = await conn.fetchval(
+                TAG + "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements "
+                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND query NOT LIKE '/*bench*/%'"
+            )
+        return Costs(
+            statements=statements,
+            wal_bytes=int(wal),
+            cpu_seconds=cpu,
+            postgres_cpu_seconds=postgres,
+            receiver_cpu_seconds=receiver,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            tables_before_kb=self._tables,
+            tables_after_kb=await table_sizes(conn),
+        )
+
+
+def _spent(
+    before: tuple[float | None, float | None], after: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
+    return (
+        None if before[0] is None or after[0] is None else after[0] - before[0],
+        None if before[1] is None or after[1] is None else after[1] - before[1],
+    )
+
+
+def per(total: float | None, count: int) -> float | None:
+    """Microseconds per item."""
+    return None if total is None or count <= 0 else round(total / count * 1e6, 1)
+
+
+def daemon_settings(ctx: Context, *, in_flight: int, per_endpoint: int) -> config.Settings:
+    s = ctx.settings
+    return replace(
+        s, delivery=replace(s.delivery, max_in_flight=in_flight, max_per_endpoint=per_endpoint)
+    )
+
+
+async def subscribe(
+    ctx: Context, environment: str, path: str, settings: dict[str, Any] | None = None
+) -> None:
+    await ctx.conn.execute(
+        TAG
+        + "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret, settings) "
+        "VALUES ($1, $2, '{products.*}', $3, $4::text::jsonb)",
+        environment,
+        f"{ctx.base_url}{path}",
+        new_secret(),
+        orjson.dumps(settings or {}).decode(),
+    )
+
+
+async def publish(ctx: Context, environments: list[str], count: int) -> None:
+    """`count` events, spread round-robin over `environments`, in one transaction."""
+    await ctx.conn.execute(
+        TAG + "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
+        "SELECT ($1::text[])[1 + g % cardinality($1::text[])], 'products.update.v0', "
+        "$2::text::jsonb FROM generate_series(1, $3) g",
+        environments,
+        PAYLOAD_TEXT,
+        count,
+    )
+
+
+async def pending(ctx: Context, environments: list[str]) -> int:
+    n: int = await ctx.conn.fetchval(
+        TAG + "SELECT count(*) FROM dispatcher.deliveries "
+        "WHERE environment_id = ANY($1::text[]) AND NOT paused",
+        environments,
+    )
+    return n
+
+
+async def drain(
+    ctx: Context, label: str, environments: list[str], total: int, timeout: float
+) -> float:
+    """Wait until the environments have no live delivery; the wall time it took."""
+    begun = time.perf_counter()
+    deadline = begun + timeout
+    while True:
+        left = await pending(ctx, environments)
+        elapsed = time.perf_counter() - begun
+        done = total - left
+        ctx.progress.show(f"[{label}] {done:,}/{total:,} sent, {done / max(elapsed, 1e-9):,.0f}/s")
+        if left == 0:
+            return time.perf_counter() - begun
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{label}: {left} deliveries still pending after {timeout:.0f} s")
+        # The count scans the queue: asked 20 times a second, it alone took a tenth of a core
+        # from the Postgres being measured. Ask about four times before the expected end.
+        if done == 0:
+            await asyncio.sleep(0.05)  # no rate to go by yet
+            continue
+        rate = done / max(elapsed, 1e-9)
+        await asyncio.sleep(min(1.0, max(0.05, left / rate / 4)))
+
+
+async def forget(ctx: Context, environments: list[str]) -> None:
+    """Drop the scenario's subscriptions (and what is left of their queue)."""
+    await ctx.conn.execute(
+        TAG + "DELETE FROM dispatcher.subscriptions WHERE environment_id = ANY($1::text[])",
+        environments,
+    )
+
+
+def percentiles(values: list[float], *qs: float) -> list[float | None]:
+    if not values:
+        return [None for _ in qs]
+    ordered = sorted(values)
+    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in qs]
+
+
+async def first_attempt_lags(ctx: Context, environments: list[str]) -> list[float]:
+    """Seconds from each delivery's due time (its creation) to its first attempt's start."""
+    rows = await ctx.conn.fetch(
+        TAG + "SELECT extract(epoch FROM a.started_at - d.created_at)::float8 AS lag "
+        "FROM dispatcher.deliveries_done d JOIN dispatcher.attempts a ON a.delivery_id = d.id "
+        "WHERE d.environment_id = ANY($1::text[]) AND a.attempt = 1",
+        environments,
+    )
+    return [r["lag"] for r in rows]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+# The ceiling ------------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

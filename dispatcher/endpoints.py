@@ -1,0 +1,157 @@
+"""What the worker knows of a subscription version: an Endpoint, built once and cached by
+(id, updated_at), so a claim reads only the versions it has not seen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+import structlog
+
+from . import queries
+from .config import DeliverySettings, SecuritySettings
+from .dberrors import DB_ERRORS, Outage
+from .metrics import Metrics
+from .netguard import URLRejectedError, check_url
+from .profiles import DEFAULT_USER_AGENT, EndpointSettings, SettingsError, resolve
+from .signing import auth_headers
+
+log = structlog.get_logger(__name__)
+
+# Past this many versions the cache starts over (subscriptions that changed or went away).
+_MAX_CACHED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What is the same for every request to one subscription version, worked out once:
+    where it goes, its secrets, its settings, its constant headers (content type, user
+    agent, receiver auth) and whether its URL is refused."""
+
+    url: str
+    secret: str
+    # The secret before a rotation signs too until `previous_until` (unix seconds).
+    previous_secret: str | None
+    previous_until: float | None
+    settings: EndpointSettings | SettingsError
+    headers: dict[str, str]
+    blocked: str | None
+    # Its own max_in_flight, else the daemon's max_per_endpoint.
+    cap: int
+
+    def secrets(self, now: float) -> list[str]:
+        """The current signing secret first, then the previous one while it is valid."""
+        previous = self.previous_secret
+        if previous and self.previous_until is not None and self.previous_until > now:
+            return [self.secret, previous]
+        return [self.secret]
+
+
+def build(
+    row: Mapping[str, Any], delivery: DeliverySettings, security: SecuritySettings
+) -> Endpoint:
+    """The Endpoint of a queries.SUBSCRIPTIONS row: its settings resolved against the
+    daemon's timeouts, its headers, and the SSRF guard's verdict on its URL."""
+    settings = _resolve(row["profile"], row["settings"], delivery)
+    user_agent = (
+        settings.user_agent if isinstance(settings, EndpointSettings) else DEFAULT_USER_AGENT
+    )
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": user_agent,
+        **auth_headers(orjson.loads(row["auth"])),
+    }
+    blocked = None
+    try:
+        check_url(
+            row["url"],
+            allow_http=security.allow_http,
+            allow_private=security.allow_private_networks,
+            allow_loopback=security.allow_loopback,
+        )
+    except URLRejectedError as exc:
+        blocked = str(exc)
+    cap = delivery.max_per_endpoint
+    if isinstance(settings, EndpointSettings) and settings.max_in_flight is not None:
+        cap = settings.max_in_flight
+    return Endpoint(
+        url=row["url"],
+        secret=row["secret"],
+        previous_secret=row["previous_secret"],
+        previous_until=row["previous_until"],
+        settings=settings,
+        headers=headers,
+        blocked=blocked,
+        cap=cap,
+    )
+
+
+def _resolve(
+    profile: str, settings: str, delivery: DeliverySettings
+) -> EndpointSettings | SettingsError:
+    try:
+        overrides: Any = orjson.loads(settings)
+        return resolve(
+            profile,
+            overrides,
+            timeout=delivery.timeout,
+            connect_timeout=delivery.connect_timeout,
+        )
+    except SettingsError as exc:
+        return exc
+
+
+class Endpoints:
+    """The cache of Endpoints by subscription version."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        delivery: DeliverySettings,
+        security: SecuritySettings,
+        metrics: Metrics,
+        outage: Outage | None = None,
+    ) -> None:
+        self._pool = pool
+        self._outage = outage or Outage()
+        self._delivery = delivery
+        self._security = security
+        self._metrics = metrics
+        self._cache: dict[tuple[UUID, datetime], Endpoint] = {}
+
+    async def of(self, rows: Iterable[Mapping[str, Any]]) -> dict[UUID, Endpoint]:
+        """Each claimed subscription's Endpoint: from the cache, and the versions it does not
+        hold yet read in one statement. A subscription missing from the answer was deleted,
+        or could not be read (its rows keep their lease and come back when it ends)."""
+        found: dict[UUID, Endpoint] = {}
+        missing: set[UUID] = set()
+        for row in rows:
+            sid = row["subscription_id"]
+            if sid in found or sid in missing:
+                continue
+            endpoint = self._cache.get((sid, row["updated_at"]))
+            if endpoint is None:
+                missing.add(sid)
+            else:
+                found[sid] = endpoint
+        if not missing:
+            return found
+        try:
+            subscriptions = await self._pool.fetch(queries.SUBSCRIPTIONS, list(missing))
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("subscriptions").inc()
+            self._outage.failed("subscriptions", exc)
+            return found
+        self._outage.succeeded()
+        if len(self._cache) > _MAX_CACHED:
+            self._cache.clear()
+        for sub in subscriptions:
+            endpoint = build(sub, self._delivery, self._security)
+            self._cache[sub["id"], sub["updated_at"]] = endpoint
+            found[sub["id"]] = endpoint
+        return found

@@ -1,0 +1,119 @@
+"""The slow periodic work beside the dispatch loop: the safety poll, queue gauges, error-rate
+deactivation, and hourly partitions and retention. Its own task: a dead one stops the
+daemon, as a dead worker does."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from . import queries
+from .dberrors import DB_ERRORS, Outage
+from .metrics import Metrics
+from .profiles import ErrorRateLimit
+
+log = structlog.get_logger(__name__)
+
+MAINTENANCE_INTERVAL = 3600.0  # seconds between partition and retention runs
+
+
+class Dispatch(Protocol):
+    """What upkeep needs of the worker."""
+
+    async def rearm(self) -> None:
+        """Arm the timer with the earliest due time in Postgres."""
+
+    def notify(self) -> None:
+        """Ask for a claim."""
+
+    def take_failing(self) -> dict[UUID, ErrorRateLimit]:
+        """The subscriptions with an error-rate limit that failed since the last call."""
+
+
+class Upkeep:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dispatch: Dispatch,
+        metrics: Metrics,
+        *,
+        interval: float,
+        retention_days: int,
+        outage: Outage | None = None,
+    ) -> None:
+        self._pool = pool
+        self._outage = outage or Outage()
+        self._dispatch = dispatch
+        self._metrics = metrics
+        self._interval = interval
+        self._retention_days = retention_days
+
+    async def run(self) -> None:
+        """Poll every `interval` seconds (the first at once), maintain every hour."""
+        loop = asyncio.get_running_loop()
+        # Monotonic: the intervals are real seconds, whatever the scheduler's clock does.
+        next_maintenance = loop.time()
+        while True:
+            began = loop.time()
+            await self.poll()
+            if began >= next_maintenance:
+                next_maintenance = began + MAINTENANCE_INTERVAL
+                await self.maintain()
+            await asyncio.sleep(max(began + self._interval - loop.time(), 0.0))
+
+    async def poll(self) -> None:
+        """The safety net: work other instances scheduled, gauges, failing subscriptions."""
+        await self._dispatch.rearm()
+        self._dispatch.notify()
+        try:
+            stats = await self._pool.fetchrow(queries.QUEUE_STATS)
+            self._metrics.queue_depth.set(stats["depth"])
+            self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
+            self._metrics.subscriptions.labels("active").set(stats["active_subscriptions"])
+            self._metrics.subscriptions.labels("inactive").set(stats["inactive_subscriptions"])
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("poll").inc()
+            self._outage.failed("poll", exc)
+        else:
+            self._outage.succeeded()
+        failing = self._dispatch.take_failing()
+        if failing:
+            await self.deactivate_failing(failing)
+
+    async def deactivate_failing(self, limits: dict[UUID, ErrorRateLimit]) -> None:
+        """Deactivate subscriptions whose error rate stays above their limit; their queued
+        deliveries wait (paused) for a reactivation."""
+        try:
+            rows = await self._pool.fetch(
+                queries.ERROR_RATE_DEACTIVATE,
+                list(limits),
+                [lim.threshold for lim in limits.values()],
+                [lim.min_attempts for lim in limits.values()],
+                [lim.window for lim in limits.values()],
+            )
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("error_rate").inc()
+            self._outage.failed("error_rate", exc)
+            return
+        for row in rows:
+            self._metrics.deactivations.labels("error_rate").inc()
+            log.warning(
+                "subscription.deactivated",
+                subscription_id=str(row["id"]),
+                reason=row["deactivated_reason"],
+            )
+
+    async def maintain(self) -> None:
+        """Partitions for the next days, retention for the old ones."""
+        try:
+            await self._pool.execute(queries.PARTITIONS)
+            dropped = await self._pool.fetchval(queries.DROP_PARTITIONS, self._retention_days)
+            if dropped:
+                log.info("retention.dropped", partitions=dropped, keep_days=self._retention_days)
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("maintenance").inc()
+            self._outage.failed("maintenance", exc)
