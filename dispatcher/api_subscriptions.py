@@ -154,7 +154,8 @@ def _events(sub: SubscriptionCreate) -> list[str]:
         return [f"{sub.entity}.{sub.event_type}.*"]
     if sub.events is UNSET:
         raise invalid("events", "required: a list of event names or patterns")
-    return list(dict.fromkeys(sub.events))
+    # Plain names and patterns as given; Tilby-style objects as the pattern they mean.
+    return list(dict.fromkeys(e if isinstance(e, str) else e.pattern() for e in sub.events))
 
 
 def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[str, Any]:

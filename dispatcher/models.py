@@ -250,11 +250,28 @@ Url = Annotated[
 ]
 
 
+class EntityEvent(Closed, kw_only=True):
+    """Tilby style, as an item of `events`: `{"entity": "sales", "event_type": "closed"}`
+    means `sales.closed.*` (every version)."""
+
+    entity: LowerName
+    event_type: LowerName
+
+    def pattern(self) -> str:
+        return f"{self.entity}.{self.event_type}.*"
+
+
+EventsItem = Annotated[
+    EventPattern | EntityEvent,
+    Meta(description="An event name or pattern, or an {entity, event_type} object."),
+]
+
+
 class SubscriptionUpdate(Settings):
     """The fields of a subscription a PATCH may change; settings also at the top level."""
 
     url: Url | UnsetType = UNSET
-    events: Annotated[list[EventPattern], Meta(min_length=1, max_length=100)] | UnsetType = UNSET
+    events: Annotated[list[EventsItem], Meta(min_length=1, max_length=100)] | UnsetType = UNSET
     entity: (
         Annotated[LowerName, Meta(description="Tilby style: with event_type instead of events.")]
         | UnsetType
