@@ -242,8 +242,10 @@ Url = Annotated[
     Meta(
         max_length=2048,
         pattern=_line(URL_RE),
-        description="http(s) only; plain http and private, loopback or link-local "
-        "destinations only where the configuration allows them ([security]). With "
+        description="http(s) only; the host an ASCII name (an internationalised one in its "
+        "xn-- form), an IPv4 address or a bracketed IPv6 one. Plain http and private, "
+        "loopback or link-local destinations (numeric shorthands such as 127.1 included) "
+        "only where the configuration allows them ([security]). With "
         "verify_on_create (the tilby profile's default) a create POSTs a SUBSCRIBED test to "
         "it and answers 422 unless it gets 200.",
     ),
