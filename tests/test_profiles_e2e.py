@@ -217,7 +217,8 @@ async def test_tilby_end_to_end(database: str, db: asyncpg.Connection, receiver:
         sent = "SELECT count(*) FROM dispatcher.emails WHERE sent_at IS NOT NULL"
 
         async def all_marked_sent() -> bool:
-            return await db.fetchval(sent) >= 4
+            count: int = await db.fetchval(sent)
+            return count >= 4
 
         await poll_until(all_marked_sent)
         assert await db.fetchval(sent) == 4
