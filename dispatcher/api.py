@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import orjson
 import structlog
 from aiohttp import web
@@ -17,6 +16,7 @@ from aiohttp import web
 from .config import Settings
 from .listen import Listener
 from .metrics import Metrics
+from .models import Invalid, decode
 from .send import Sender
 from .tokens import Principal, authenticate
 
@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1024 * 1024
 MAX_PAGE = 200
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None)
+        answer = _error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, None)
+        if "Allow" in exc.headers:
+            # RFC 9110: a 405 names the methods the resource does support.
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         log.warning("admin.unavailable", path=request.path, error=str(exc))
         return _error_body(503, "unavailable", "database unavailable, try again", None)
@@ -143,6 +148,14 @@ async def body(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any
             # PostgreSQL text and jsonb cannot store it: refuse it here, by name.
             raise invalid(key, "must not contain the NUL character (\\u0000)")
     return data
+
+
+def decoded(data: object, model: type[T]) -> T:
+    """A parsed body as its model; 422 naming the field that does not fit."""
+    try:
+        return decode(data, model)
+    except Invalid as exc:
+        raise invalid(exc.field, exc.message) from None
 
 
 def _holds_nul(value: Any) -> bool:
@@ -209,22 +222,13 @@ def query_uuid(request: web.Request, name: str) -> UUID | None:
         raise ApiError(400, "bad_query", f"{name} must be a UUID", name) from None
 
 
-def encode_cursor(*parts: object) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([str(p) for p in parts])).decode().rstrip("=")
-
-
-def decode_cursor(request: web.Request, size: int) -> list[str] | None:
+def query_cursor(request: web.Request, form: Any) -> str | None:
+    """The `cursor` query parameter, checked against its model type (`models.*Cursor`)."""
     text = request.query.get("cursor")
     if text is None:
         return None
     try:
-        parts = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (binascii.Error, ValueError):
+        cursor: str = msgspec.convert(text, form)
+    except msgspec.ValidationError:
         raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor") from None
-    if (
-        not isinstance(parts, list)
-        or len(parts) != size
-        or not all(isinstance(p, str) for p in parts)
-    ):
-        raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
-    return parts
+    return cursor

@@ -8,31 +8,31 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import orjson
 import structlog
 from aiohttp import web
+from msgspec import UnsetType
 
 from .api import (
     MAX_PAGE,
     ApiError,
     body,
-    decode_cursor,
-    encode_cursor,
+    decoded,
     environment_for,
-    invalid,
     json_response,
     not_found,
     path_int,
+    query_cursor,
     query_int,
     query_uuid,
     scope,
     state,
 )
+from .models import FINISHED, STATUSES, DeliveryCursor, ResendRequest
 
 log = structlog.get_logger(__name__)
 
-STATUSES = ("pending", "sending", "retrying", "paused", "delivered", "failed", "expired")
-FINISHED = ("delivered", "failed", "expired")
 RESEND_BATCH = 500
 
 # Live deliveries and finished ones, in one shape. A live row's state follows from its
@@ -74,7 +74,8 @@ SELECT payload::text FROM dispatcher.events WHERE id = $1 AND created_at = $2
 """
 
 ATTEMPTS = """
-SELECT attempt, started_at, duration_ms, status_code, error, response_excerpt, outcome
+SELECT attempt, started_at, duration_ms, status_code, error, response_excerpt, outcome,
+       retry_after
 FROM dispatcher.attempts
 WHERE delivery_id = $1
 ORDER BY started_at, attempt
@@ -171,12 +172,8 @@ async def list_(request: web.Request) -> web.Response:
     if event_name is not None and len(event_name) > 200:
         raise ApiError(400, "bad_query", "event_name is too long", "event_name")
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    cursor = decode_cursor(request, 1)
-    before = None
-    if cursor is not None:
-        if not cursor[0].isdigit() or len(cursor[0]) > 18:
-            raise ApiError(400, "bad_query", "cursor is not one this API gave out", "cursor")
-        before = int(cursor[0])
+    cursor = query_cursor(request, DeliveryCursor)
+    before = None if cursor is None else int(cursor)
     subscription = query_uuid(request, "subscription_id")
     await _check_subscription(request, subscription, scope(request))
     rows = await state(request).pool.fetch(
@@ -196,7 +193,7 @@ async def list_(request: web.Request) -> web.Response:
     return json_response(
         {
             "items": [_delivery(r) for r in page],
-            "next_cursor": encode_cursor(page[-1]["id"]) if len(rows) > limit else None,
+            "next_cursor": str(page[-1]["id"]) if len(rows) > limit else None,
         }
     )
 
@@ -227,6 +224,7 @@ async def read(request: web.Request) -> web.Response:
             "error": a["error"],
             "response_excerpt": a["response_excerpt"],
             "outcome": a["outcome"],
+            "retry_after": a["retry_after"],
         }
         for a in attempts
     ]
@@ -259,52 +257,23 @@ def _job(row: asyncpg.Record) -> dict[str, Any]:
 
 
 def _resend_filter(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"environment_id", "subscription_id", "status", "since", "event_name", "ids"}
-    unknown = set(data) - allowed
-    if unknown:
-        raise invalid(sorted(unknown)[0], "unknown field")
+    """The job's filter as stored: every key present, unset ones null (environment: all)."""
+    asked = decoded(data, ResendRequest)
+    given = msgspec.to_builtins(asked)
     environment = (
-        environment_for(request, data.get("environment_id"))
-        if scope(request) is not None or data.get("environment_id") is not None
+        environment_for(request, given.get("environment_id"))
+        if scope(request) is not None or "environment_id" in given
         else None
     )
     out: dict[str, Any] = {"environment_id": environment}
-    subscription = data.get("subscription_id")
-    if subscription is not None:
-        try:
-            out["subscription_id"] = str(UUID(str(subscription)))
-        except ValueError:
-            raise invalid("subscription_id", "must be a UUID") from None
-    statuses = data.get("status", "failed")
-    statuses = [statuses] if isinstance(statuses, str) else statuses
-    if not isinstance(statuses, list) or not statuses or not all(s in FINISHED for s in statuses):
-        raise invalid("status", f"must be one or a list of {list(FINISHED)}")
-    out["status"] = statuses
-    since = data.get("since")
-    if since is not None:
-        try:
-            moment = datetime.fromisoformat(str(since).replace("Z", "+00:00"))
-        except ValueError:
-            raise invalid("since", "must be an ISO 8601 time") from None
-        if moment.tzinfo is None:
-            raise invalid("since", "needs a time zone (e.g. Z)")
-        out["since"] = moment.isoformat()
-    name = data.get("event_name")
-    if name is not None:
-        if not isinstance(name, str) or len(name) > 200:
-            raise invalid("event_name", "must be an event name")
-        out["event_name"] = name
-    ids = data.get("ids")
-    if ids is not None:
-        if (
-            not isinstance(ids, list)
-            or not 1 <= len(ids) <= 1000
-            or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids
-            )
-        ):
-            raise invalid("ids", "must be a list of 1 to 1000 delivery ids")
-        out["ids"] = ids
+    if "subscription_id" in given:
+        out["subscription_id"] = given["subscription_id"]
+    out["status"] = [asked.status] if isinstance(asked.status, str) else asked.status
+    if not isinstance(asked.since, UnsetType):
+        out["since"] = asked.since.isoformat()
+    for key in ("event_name", "ids"):
+        if key in given:
+            out[key] = given[key]
     return out
 
 
@@ -416,7 +385,7 @@ def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/deliveries", list_),
         web.post("/v1/deliveries/resend", resend_many),
-        web.get("/v1/deliveries/{id}", read),
-        web.post("/v1/deliveries/{id}/resend", resend_one),
+        web.get("/v1/deliveries/{id:[0-9]+}", read),
+        web.post("/v1/deliveries/{id:[0-9]+}/resend", resend_one),
         web.get("/v1/resend-jobs/{id}", read_job),
     ]

@@ -2,54 +2,45 @@
 
 from __future__ import annotations
 
-import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import orjson
 from aiohttp import web
+from msgspec import UNSET
 
 from .api import (
     MAX_PAGE,
     ApiError,
     body,
-    decode_cursor,
-    encode_cursor,
+    decoded,
     environment_for,
     invalid,
     json_response,
     not_found,
     path_uuid,
     principal,
+    query_cursor,
     query_int,
     scope,
     state,
 )
 from .envelope import iso_millis
+from .models import (
+    SETTING_KEYS,
+    AuthNone,
+    RotateSecret,
+    SubscriptionCreate,
+    SubscriptionCursor,
+    SubscriptionUpdate,
+)
 from .netguard import URLRejectedError, check_url
-from .profiles import PROFILES, SETTING_KEYS, SettingsError, resolve
+from .profiles import PROFILES, SettingsError, resolve
 from .signing import SIGNERS, auth_headers, new_secret
-
-EVENT_PATTERN = re.compile(r"^(\*|[a-z0-9_-]+\.\*|[a-z0-9_-]+\.[a-z0-9_-]+\.(\*|v[0-9]+))$")
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-FIELDS = {
-    "environment_id",
-    "url",
-    "events",
-    "entity",
-    "event_type",
-    "profile",
-    "name",
-    "description",
-    "active",
-    "secret",
-    "auth",
-    "email",
-    "settings",
-}
 
 INSERT = """
 INSERT INTO dispatcher.subscriptions
@@ -152,125 +143,66 @@ def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _text(data: dict[str, Any], key: str, limit: int) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise invalid(key, f"must be a string of at most {limit} characters")
-    return value
-
-
-def _events(data: dict[str, Any]) -> list[str]:
-    if "entity" in data or "event_type" in data:
+def _events(sub: SubscriptionCreate) -> list[str]:
+    if sub.entity is not UNSET or sub.event_type is not UNSET:
         # Tilby's way to subscribe: one entity and one event type, any version.
-        entity, kind = data.get("entity"), data.get("event_type")
-        for key, value in (("entity", entity), ("event_type", kind)):
-            if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_-]{1,100}", value):
-                raise invalid(key, "must be a lowercase name (a-z, 0-9, _ or -)")
-        if "events" in data:
+        for key, value in (("entity", sub.entity), ("event_type", sub.event_type)):
+            if value is UNSET:
+                raise invalid(key, "give entity and event_type together")
+        if sub.events is not UNSET:
             raise invalid("events", "give either events or entity + event_type")
-        return [f"{entity}.{kind}.*"]
-    events = data.get("events")
-    if not isinstance(events, list) or not 1 <= len(events) <= 100:
-        raise invalid("events", "must be a list of 1 to 100 event names or patterns")
-    for item in events:
-        if not isinstance(item, str) or len(item) > 200 or not EVENT_PATTERN.match(item):
-            raise invalid(
-                "events",
-                f"{item!r} is not an event name (entity.action.v0) or pattern "
-                "(entity.action.*, entity.*, *)",
-            )
-    return list(dict.fromkeys(events))
-
-
-def _auth(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {"type": "none"}
-    if not isinstance(value, dict):
-        raise invalid("auth", "must be an object with a type")
-    kind = value.get("type")
-    required = {
-        "none": (),
-        "basic": ("username", "password"),
-        "bearer": ("token",),
-        "header": ("name", "value"),
-    }
-    if kind not in required:
-        raise invalid("auth.type", f"must be one of {sorted(required)}")
-    extra = set(value) - {"type", *required[kind]}
-    if extra:
-        raise invalid(f"auth.{sorted(extra)[0]}", "unknown field")
-    for key in required[kind]:
-        item = value.get(key)
-        if not isinstance(item, str) or not item or len(item) > 1000 or "\n" in item:
-            raise invalid(f"auth.{key}", "must be a non-empty single-line string")
-    if kind == "header" and not re.fullmatch(r"[A-Za-z0-9-]{1,100}", value["name"]):
-        raise invalid("auth.name", "must be an HTTP header name")
-    return dict(value)
+        return [f"{sub.entity}.{sub.event_type}.*"]
+    if sub.events is UNSET:
+        raise invalid("events", "required: a list of event names or patterns")
+    # Plain names and patterns as given; Tilby-style objects as the pattern they mean.
+    return list(dict.fromkeys(e if isinstance(e, str) else e.pattern() for e in sub.events))
 
 
 def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[str, Any]:
-    """Profile overrides, given nested under "settings" or at the top level."""
-    nested = data.get("settings", {})
-    if not isinstance(nested, dict):
-        raise invalid("settings", "must be an object")
+    """Profile overrides, given nested under "settings" or at the top level (as given)."""
     top = {k: v for k, v in data.items() if k in SETTING_KEYS}
-    overrides = {**nested, **top}
+    overrides = {**data.get("settings", {}), **top}
     config = state(request).settings.delivery
     try:
         resolve(profile, overrides, timeout=config.timeout, connect_timeout=config.connect_timeout)
     except SettingsError as exc:
-        field = (
-            exc.field
-            if exc.field == "profile" or exc.field.split(".")[0] in top
-            else (f"settings.{exc.field}")
-        )
-        raise invalid(field, exc.message) from None
+        where = "" if exc.field == "profile" or exc.field.split(".")[0] in top else "settings."
+        raise invalid(where + exc.field, exc.message) from None
     return overrides
 
 
 def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(data) - FIELDS - SETTING_KEYS
-    if unknown:
-        raise invalid(sorted(unknown)[0], "unknown field")
-    url = data.get("url")
-    if not isinstance(url, str) or not url or len(url) > 2048:
-        raise invalid("url", "must be a URL of at most 2048 characters")
+    sub = decoded(data, SubscriptionCreate)
     security = state(request).settings.security
     try:
         check_url(
-            url,
+            sub.url,
             allow_http=security.allow_http,
             allow_private=security.allow_private_networks,
             allow_loopback=security.allow_loopback,
         )
     except URLRejectedError as exc:
         raise invalid("url", str(exc)) from None
-    profile = data.get("profile", "standard")
-    if not isinstance(profile, str) or profile not in PROFILES:
+    profile = "standard" if sub.profile is UNSET else sub.profile
+    if profile not in PROFILES:
         raise invalid("profile", f"must be one of {sorted(PROFILES)}")
-    active = data.get("active", True)
-    if not isinstance(active, bool):
-        raise invalid("active", "must be true or false")
-    secret = data.get("secret")
-    if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 200):
-        raise invalid("secret", "must be a string of 16 to 200 characters")
-    email = _text(data, "email", 320)
-    if email is not None and not EMAIL.match(email):
-        raise invalid("email", "must be an email address")
+    auth = sub.auth if sub.auth is not UNSET and sub.auth is not None else AuthNone()
     return {
-        "url": url,
-        "events": _events(data),
+        "url": sub.url,
+        "events": _events(sub),
         "profile": profile,
         "settings": _settings(request, data, profile),
-        "name": _text(data, "name", 200),
-        "description": _text(data, "description", 2000),
-        "active": active,
-        "secret": secret,
-        "auth": _auth(data.get("auth")),
-        "email": email,
+        "name": _or_none(sub.name),
+        "description": _or_none(sub.description),
+        "active": True if sub.active is UNSET else sub.active,
+        "secret": _or_none(sub.secret),
+        "auth": msgspec.to_builtins(auth),
+        "email": _or_none(sub.email),
     }
+
+
+def _or_none(value: Any) -> Any:
+    return None if value is UNSET else value
 
 
 async def _verify(
@@ -372,26 +304,27 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    cursor = decode_cursor(request, 2)
+    cursor = query_cursor(request, SubscriptionCursor)
     after_time: Any = None
     after_id: Any = None
     if cursor is not None:
-        try:
-            after_time, after_id = datetime.fromisoformat(cursor[0]), UUID(cursor[1])
-        except ValueError:
-            raise ApiError(
-                400, "bad_query", "cursor is not one this API gave out", "cursor"
-            ) from None
+        micros, _, hex_id = cursor.partition("-")
+        after_time, after_id = EPOCH + timedelta(microseconds=int(micros)), UUID(hex=hex_id)
     rows = await state(request).pool.fetch(
         SELECT_PAGE, scope(request), after_time, after_id, limit + 1
     )
     page = rows[:limit]
-    next_cursor = (
-        encode_cursor(page[-1]["created_at"].isoformat(), page[-1]["id"])
-        if len(rows) > limit
-        else None
-    )
+    next_cursor = _cursor(page[-1]) if len(rows) > limit else None
     return json_response({"items": [public(r) for r in page], "next_cursor": next_cursor})
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cursor(row: asyncpg.Record) -> str:
+    """The position after `row` (models.SubscriptionCursor)."""
+    micros = (row["created_at"] - EPOCH) // timedelta(microseconds=1)
+    return f"{micros}-{UUID(str(row['id'])).hex}"
 
 
 async def _one(request: web.Request) -> asyncpg.Record:
@@ -407,8 +340,6 @@ async def read(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     data = await body(request)
-    if "environment_id" in data:
-        raise invalid("environment_id", "cannot be changed")
     current = await _one(request)
     merged: dict[str, Any] = {
         "url": current["url"],
@@ -423,9 +354,7 @@ async def update(request: web.Request) -> web.Response:
     }
     if not ({"entity", "event_type"} & set(data)):
         merged["events"] = current["events"]
-    new_auth = data.get("auth")
-    if isinstance(new_auth, dict) and "type" not in new_auth:
-        raise invalid("auth.type", "required")
+    decoded(data, SubscriptionUpdate)
     merged.update(data)
     fields = _validated(request, merged)
     row = await _store(
@@ -497,17 +426,9 @@ RETURNING *
 async def rotate_secret(request: web.Request) -> web.Response:
     """A new signing secret; the old one keeps signing alongside for `grace_seconds`. An
     empty body means the defaults."""
-    data = await body(request, empty_ok=True)
-    unknown = set(data) - {"secret", "grace_seconds"}
-    if unknown:
-        raise invalid(sorted(unknown)[0], "unknown field")
-    secret = data.get("secret")
-    if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 200):
-        raise invalid("secret", "must be a string of 16 to 200 characters")
-    grace = data.get("grace_seconds", 86_400)
-    if isinstance(grace, bool) or not isinstance(grace, int) or not 0 <= grace <= 30 * 86_400:
-        raise invalid("grace_seconds", "must be an integer from 0 to 2592000")
-    new = secret or new_secret()
+    asked = decoded(await body(request, empty_ok=True), RotateSecret)
+    new = new_secret() if asked.secret is UNSET else asked.secret
+    grace = asked.grace_seconds
     row = await state(request).pool.fetchrow(
         ROTATE, path_uuid(request), scope(request), new, float(grace)
     )

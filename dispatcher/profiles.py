@@ -1,50 +1,31 @@
 """Profiles: named bundles of delivery settings; a subscription stores a name plus overrides.
 
-A profile and a subscription's overrides share one JSON shape:
-
-    {"success": "2xx", "retry": {"delays": [60, 120]} | {"initial": 30, "factor": 2.718,
-     "growth_limit": 10}, plus optional "max_attempts", "max_age",
-     "retry_on": {"client_errors": false, ...}, "timeout": 30, "connect_timeout": 5,
-     "follow_redirects": true, "max_redirects": 20, "verify_tls": true,
-     "user_agent": "...", "envelope": "standard", "signature": "standard",
-     "max_in_flight": 16}
-
-An override's "retry" block replaces the profile's whole (delays and exponential settings
-do not mix); "retry_on" is merged key by key; every other key replaces the profile's.
-Adding a product is adding a bundle here, not a branch in the send loop.
+A profile and a subscription's overrides share one shape, `models.Settings`, which the API
+also documents. An override's "retry" block (or preset name) replaces the profile's whole
+(delays and exponential settings do not mix); "retry_on" is merged key by key; every other
+key replaces the profile's. Adding a product is adding a bundle here, not a branch in the
+send loop.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
-from .envelope import ENVELOPES
+from msgspec import UNSET
+
+from .models import RETRY_PRESETS, EmailOn, Invalid, Retry, Settings, decode
+from .models import RetryOn as RetryOnSettings
 from .policy import DeliveryPolicy, RetryOn, RetryPolicy, SuccessRule
-from .signing import SIGNERS
+
+__all__ = ["DEFAULT_USER_AGENT", "PROFILES", "EmailOn", "EndpointSettings", "resolve"]
+
+# A setting that cannot be used; `field` names it as a dotted path.
+SettingsError = Invalid
 
 DEFAULT_USER_AGENT = "webhook-dispatcher/0.1"
-
-
-class EmailOn(StrEnum):
-    """When the subscription's failure address is mailed."""
-
-    EVERY_FAILURE = "every_failure"  # each failed attempt, and once more when it gives up
-    FINAL = "final"  # when a delivery gives up
-    NEVER = "never"
-
-
-class SettingsError(ValueError):
-    """A setting that cannot be used; `field` names it as a dotted path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +73,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "envelope": "standard",
         "signature": "standard",
+        # The spec: a 410 Gone means the endpoint is gone for good.
+        "deactivate_on": [410],
     },
     # Tilby: exactly 200; at least 3 retries, 15 minutes apart.
     # Mails the failure address on every failed retry (with the request body) and once more
@@ -143,36 +126,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Named retry policies a subscription may pick with "retry": "<name>".
-RETRY_PRESETS: dict[str, dict[str, Any]] = {
-    "exponential": {"initial": 60, "factor": 2, "growth_limit": 8, "max_attempts": 10},
-    "linear": {"delays": [300], "max_attempts": 12},
-    "aggressive": {"initial": 5, "factor": 2, "growth_limit": 6, "max_attempts": 8},
-    "none": {"max_attempts": 1},
-}
-
-_RETRY_KEYS = {"delays", "initial", "factor", "growth_limit", "max_attempts", "max_age"}
-_RETRY_ON_KEYS = {f for f in RetryOn.__dataclass_fields__}
-SETTING_KEYS = {
-    "signature_header",
-    "email_on",
-    "deactivate_on",
-    "delete_on_body",
-    "deactivate_on_error_rate",
-    "verify_on_create",
-    "success",
-    "retry",
-    "retry_on",
-    "timeout",
-    "connect_timeout",
-    "follow_redirects",
-    "max_redirects",
-    "verify_tls",
-    "user_agent",
-    "envelope",
-    "signature",
-    "max_in_flight",
-}
+# Checked once, at import: a bundle is a Settings value like any override.
+_BUNDLES: dict[str, Settings] = {name: decode(raw, Settings) for name, raw in PROFILES.items()}
 
 
 def resolve(
@@ -183,202 +138,70 @@ def resolve(
     connect_timeout: float = 5.0,
 ) -> EndpointSettings:
     """Merge a profile with overrides; `timeout`/`connect_timeout` are the config defaults."""
-    if profile not in PROFILES:
+    if profile not in _BUNDLES:
         raise SettingsError("profile", f"unknown profile {profile!r}; one of {sorted(PROFILES)}")
     if not isinstance(overrides, Mapping):
         raise SettingsError("settings", "must be an object")
-    unknown = set(overrides) - SETTING_KEYS
-    if unknown:
-        raise SettingsError(sorted(unknown)[0], "unknown setting")
-    merged: dict[str, Any] = {**PROFILES[profile], **overrides}
-    merged["retry_on"] = {
-        **_mapping(PROFILES[profile].get("retry_on", {}), "retry_on"),
-        **_mapping(overrides.get("retry_on", {}), "retry_on"),
+    base, given = _BUNDLES[profile], decode(dict(overrides), Settings)
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(given, name)
+        if value is UNSET:
+            value = getattr(base, name)
+        return default if value is UNSET else value
+
+    retry_on = {
+        k: v
+        for block in (base.retry_on, given.retry_on)
+        if isinstance(block, RetryOnSettings)
+        for k in block.__struct_fields__
+        if (v := getattr(block, k)) is not UNSET
     }
+    retry = pick("retry", Retry())
+    limit = pick("deactivate_on_error_rate", None)
+    delete_on_body = pick("delete_on_body", None)
     return EndpointSettings(
         policy=DeliveryPolicy(
-            success=_success(merged.get("success", "2xx")),
-            retry=_retry(_retry_block(merged.get("retry", {}))),
-            retry_on=_retry_on(merged["retry_on"]),
-            deactivate_on=_statuses(merged.get("deactivate_on", [])),
-            delete_on_body=_optional_text(merged, "delete_on_body"),
+            success=pick("success", SuccessRule.ANY_2XX),
+            retry=_retry(RETRY_PRESETS[retry] if isinstance(retry, str) else retry),
+            retry_on=RetryOn(**retry_on),
+            deactivate_on=frozenset(pick("deactivate_on", [])),
+            retry_after_on=frozenset(pick("retry_after_on", [429, 503])),
+            delete_on_body=None if delete_on_body is None else delete_on_body.lower(),
         ),
-        timeout=_number(merged, "timeout", timeout, minimum=0.001, maximum=300),
-        connect_timeout=_number(
-            merged, "connect_timeout", connect_timeout, minimum=0.001, maximum=300
+        timeout=float(pick("timeout", timeout)),
+        connect_timeout=float(pick("connect_timeout", connect_timeout)),
+        follow_redirects=pick("follow_redirects", False),
+        max_redirects=pick("max_redirects", 20),
+        verify_tls=pick("verify_tls", True),
+        user_agent=pick("user_agent", DEFAULT_USER_AGENT),
+        envelope=pick("envelope", "standard"),
+        signature=pick("signature", "standard"),
+        max_in_flight=pick("max_in_flight", None),
+        signature_header=pick("signature_header", None),
+        email_on=pick("email_on", EmailOn.FINAL),
+        error_rate=None
+        if limit is None
+        else ErrorRateLimit(
+            threshold=_or(limit.threshold, 0.95),
+            min_attempts=_or(limit.min_attempts, 50),
+            window=_or(limit.window, _DAY),
         ),
-        follow_redirects=_bool(merged, "follow_redirects", False),
-        max_redirects=int(
-            _number(merged, "max_redirects", 20, minimum=0, maximum=50, integer=True)
-        ),
-        verify_tls=_bool(merged, "verify_tls", True),
-        user_agent=_text(merged, "user_agent", DEFAULT_USER_AGENT),
-        envelope=_choice(merged, "envelope", "standard", ENVELOPES),
-        signature=_choice(merged, "signature", "standard", SIGNERS),
-        max_in_flight=(
-            None
-            if merged.get("max_in_flight") is None
-            else int(_number(merged, "max_in_flight", 1, minimum=1, maximum=10_000, integer=True))
-        ),
-        signature_header=_header_name(merged),
-        email_on=_email_on(merged.get("email_on", "final")),
-        error_rate=_error_rate(merged.get("deactivate_on_error_rate")),
-        verify_on_create=_bool(merged, "verify_on_create", False),
+        verify_on_create=pick("verify_on_create", False),
     )
 
 
-def _retry_block(value: Any) -> Mapping[str, Any]:
-    if isinstance(value, str):
-        if value not in RETRY_PRESETS:
-            raise SettingsError("retry", f"unknown preset; one of {sorted(RETRY_PRESETS)}")
-        return RETRY_PRESETS[value]
-    return _mapping(value, "retry")
+def _or(value: Any, default: Any) -> Any:
+    return default if value is UNSET else value
 
 
-def _statuses(value: Any) -> frozenset[int]:
-    if (
-        not isinstance(value, list)
-        or len(value) > 100
-        or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value
-        )
-    ):
-        raise SettingsError("deactivate_on", "must be a list of HTTP status codes")
-    return frozenset(value)
-
-
-def _optional_text(block: Mapping[str, Any], key: str) -> str | None:
-    if block.get(key) is None:
-        return None
-    return _text(block, key, "").lower()
-
-
-def _header_name(block: Mapping[str, Any]) -> str | None:
-    value = block.get("signature_header")
-    if value is None:
-        return None
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,100}", value):
-        raise SettingsError("signature_header", "must be an HTTP header name")
-    return value
-
-
-def _email_on(value: Any) -> EmailOn:
-    try:
-        return EmailOn(value)
-    except ValueError:
-        raise SettingsError("email_on", f"must be one of {[e.value for e in EmailOn]}") from None
-
-
-def _error_rate(value: Any) -> ErrorRateLimit | None:
-    if value is None:
-        return None
-    block = _mapping(value, "deactivate_on_error_rate")
-    unknown = set(block) - {"threshold", "min_attempts", "window"}
-    if unknown:
-        raise SettingsError(f"deactivate_on_error_rate.{sorted(unknown)[0]}", "unknown setting")
-    where = "deactivate_on_error_rate."
-    return ErrorRateLimit(
-        threshold=_number(block, "threshold", 0.95, minimum=0.01, maximum=1, where=where),
-        min_attempts=int(
-            _number(
-                block, "min_attempts", 50, minimum=1, maximum=1_000_000, integer=True, where=where
-            )
-        ),
-        window=_number(block, "window", _DAY, minimum=60, maximum=30 * _DAY, where=where),
-    )
-
-
-def _success(value: Any) -> SuccessRule:
-    try:
-        return SuccessRule(value)
-    except ValueError:
-        raise SettingsError("success", f"must be one of {[r.value for r in SuccessRule]}") from None
-
-
-def _retry(block: Mapping[str, Any]) -> RetryPolicy:
-    unknown = set(block) - _RETRY_KEYS
-    if unknown:
-        raise SettingsError(f"retry.{sorted(unknown)[0]}", "unknown setting")
-    delays = block.get("delays", [])
-    if not isinstance(delays, list) or not all(
-        isinstance(d, int | float) and not isinstance(d, bool) and 0 <= d <= 30 * _DAY
-        for d in delays
-    ):
-        raise SettingsError("retry.delays", "must be a list of seconds between 0 and 30 days")
-    if len(delays) > 100:
-        raise SettingsError("retry.delays", "at most 100 delays")
-    max_attempts = block.get("max_attempts")
-    max_age = block.get("max_age")
+def _retry(block: Retry) -> RetryPolicy:
     return RetryPolicy(
-        delays=tuple(float(d) for d in delays),
-        initial=_number(block, "initial", 30.0, minimum=0, maximum=30 * _DAY, where="retry."),
-        factor=_number(block, "factor", math.e, minimum=1, maximum=100, where="retry."),
-        growth_limit=int(
-            _number(block, "growth_limit", 10, minimum=1, maximum=100, integer=True, where="retry.")
-        ),
-        max_attempts=None
-        if max_attempts is None
-        else int(
-            _number(block, "max_attempts", 1, minimum=1, maximum=1000, integer=True, where="retry.")
-        ),
-        max_age=None
-        if max_age is None
-        else _number(block, "max_age", 0, minimum=0, maximum=90 * _DAY, where="retry."),
+        delays=tuple(float(d) for d in _or(block.delays, [])),
+        initial=float(_or(block.initial, 30.0)),
+        factor=float(_or(block.factor, math.e)),
+        growth_limit=_or(block.growth_limit, 10),
+        max_attempts=_or(block.max_attempts, None),
+        max_age=None if block.max_age is UNSET else float(block.max_age),
+        jitter=None if block.jitter is UNSET else float(block.jitter),
     )
-
-
-def _retry_on(block: Mapping[str, Any]) -> RetryOn:
-    unknown = set(block) - _RETRY_ON_KEYS
-    if unknown:
-        raise SettingsError(f"retry_on.{sorted(unknown)[0]}", "unknown setting")
-    return RetryOn(**{k: _bool(block, k, True, where="retry_on.") for k in _RETRY_ON_KEYS})
-
-
-def _mapping(value: Any, name: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise SettingsError(name, "must be an object")
-    return value
-
-
-def _number(
-    block: Mapping[str, Any],
-    key: str,
-    default: float,
-    *,
-    minimum: float,
-    maximum: float,
-    integer: bool = False,
-    where: str = "",
-) -> float:
-    value = block.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (integer and not float(value).is_integer())
-    ):
-        kind = "an integer" if integer else "a number"
-        raise SettingsError(where + key, f"must be {kind}")
-    if not minimum <= value <= maximum:
-        raise SettingsError(where + key, f"must be between {minimum} and {maximum}")
-    return float(value)
-
-
-def _bool(block: Mapping[str, Any], key: str, default: bool, where: str = "") -> bool:
-    value = block.get(key, default)
-    if not isinstance(value, bool):
-        raise SettingsError(where + key, "must be true or false")
-    return value
-
-
-def _choice(block: Mapping[str, Any], key: str, default: str, known: Iterable[str]) -> str:
-    value = block.get(key, default)
-    if value not in known:
-        raise SettingsError(key, f"must be one of {sorted(known)}")
-    return str(value)
-
-
-def _text(block: Mapping[str, Any], key: str, default: str) -> str:
-    value = block.get(key, default)
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise SettingsError(key, "must be a non-empty string of at most 200 characters")
-    return value

@@ -151,3 +151,51 @@ async def test_a_manual_resend_is_not_a_retry_in_the_stats(api: Api) -> None:
     stats = (await api.a.get(f"/v1/subscriptions/{sid}/stats", "Stats")).body
     assert stats["attempts"] == 4
     assert stats["retries_per_delivery"] == pytest.approx(0.5)
+
+
+async def test_tilby_objects_inside_events_mean_their_pattern(api: Api) -> None:
+    """{"entity", "event_type"} as an item of `events` means `<entity>.<event_type>.*`, as
+    the top-level pair does, and mixes with plain names."""
+    created = await api.a.post(
+        "/v1/subscriptions",
+        {"url": api.receiver.url(), "events": [{"entity": "sales", "event_type": "closed"}]},
+        "Subscription",
+    )
+    assert created.status == 201, created.body
+    assert created.body["events"] == ["sales.closed.*"]
+    mixed = await api.a.post(
+        "/v1/subscriptions",
+        {
+            "url": api.receiver.url(),
+            "events": [
+                "products.update.v0",
+                {"entity": "customers", "event_type": "create"},
+                "customers.create.*",
+            ],
+        },
+        "Subscription",
+    )
+    assert mixed.status == 201, mixed.body
+    assert mixed.body["events"] == ["products.update.v0", "customers.create.*"]
+    patched = await api.a.patch(
+        f"/v1/subscriptions/{mixed.body['id']}",
+        {"events": [{"entity": "items", "event_type": "delete"}]},
+        "Subscription",
+    )
+    assert patched.status == 200, patched.body
+    assert patched.body["events"] == ["items.delete.*"]
+    # An event published under the pattern reaches the subscriber.
+    await api.a.post("/v1/events", {"event_name": "sales.closed.v2", "payload": {}}, "Event")
+    await _finished(api.db, 1)
+    # A bad object names the field inside it.
+    for item, field in (
+        ({"entity": "sales"}, "events.event_type"),
+        ({"entity": "Sales", "event_type": "closed"}, "events.entity"),
+        ({"entity": "sales", "event_type": "closed", "version": 1}, "events.version"),
+        (7, "events"),
+    ):
+        bad = await api.a.post(
+            "/v1/subscriptions", {"url": api.receiver.url(), "events": ["*", item]}
+        )
+        assert bad.status == 422, (item, bad.body)
+        assert bad.body["error"]["field"] == field, (item, bad.body)

@@ -8,11 +8,15 @@ import email.utils
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
+from dispatcher import tokens
+from dispatcher.config import AdminSettings
 from dispatcher.policy import (
     RETRY_AFTER_MAX,
     DeliveryPolicy,
@@ -23,6 +27,7 @@ from dispatcher.policy import (
 )
 from dispatcher.send import parse_retry_after
 
+from .api_client import Client
 from .helpers import Receiver, daemon, publish, settings_for, subscribe, wait_done
 
 T0 = 1_800_000_000.0
@@ -170,3 +175,65 @@ async def test_other_instances_hear_of_a_pause_at_their_next_poll(
         await publish(db, count=3)
         await wait_done(db, 3, timeout=15)
     assert min(r.at for r in receiver.requests) >= paused - 0.05
+
+
+async def test_410_gone_deactivates_a_standard_endpoint_with_the_reason_shown(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    receiver.plan("/gone", then=410)
+    receiver.plan("/kept", 410, then=200)
+    gone = await subscribe(db, receiver.url("/gone"), ["products.*"])
+    # deactivate_on stays the way to change it per subscription.
+    kept = await subscribe(
+        db,
+        receiver.url("/kept"),
+        ["products.*"],
+        settings={"deactivate_on": [], "retry": {"delays": [0.05]}},
+    )
+    await publish(db, count=3)
+    async with daemon(settings_for(database)):
+        await wait_done(db, 3 + 3, timeout=15)
+    rows = {
+        r["id"]: (r["active"], r["deactivated_reason"])
+        for r in await db.fetch(
+            "SELECT id, active, deactivated_reason FROM dispatcher.subscriptions"
+        )
+    }
+    assert rows[gone] == (False, "receiver answered 410")
+    assert rows[kept] == (True, None)
+    # The first 410 ended it: what was queued behind waits, paused, for a reactivation.
+    assert len(receiver.at("/gone")) <= 3
+    assert await db.fetchval(
+        "SELECT count(*) FROM dispatcher.deliveries WHERE subscription_id = $1 AND paused", gone
+    ) == 3 - len(receiver.at("/gone"))
+
+
+async def test_the_api_shows_the_honoured_retry_after_and_takes_the_new_settings(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    token = await tokens.create(db, "env-1")
+    receiver.plan("/hook", with_header(500, "1"), then=200)
+    settings = replace(settings_for(database), admin=AdminSettings(listen="127.0.0.1:0"))
+    async with daemon(settings) as running, aiohttp.ClientSession() as http:
+        api = Client(http, running.admin_url, token)
+        created = await api.post(
+            "/v1/subscriptions",
+            {
+                "url": receiver.url(),
+                "events": ["*"],
+                "retry": {"initial": 0.05, "factor": 2, "jitter": 0.5},
+                "retry_after_on": [500],
+            },
+            "Subscription",
+        )
+        assert created.status == 201, created.body
+        bad = await api.post(
+            "/v1/subscriptions", {"url": receiver.url(), "events": ["*"], "retry": {"jitter": 2}}
+        )
+        assert bad.status == 422
+        assert bad.body["error"]["field"].startswith("retry")
+        await api.post("/v1/events", {"event_name": "products.create.v0", "payload": {}})
+        await wait_done(db, 1, timeout=10)
+        delivery = await db.fetchval("SELECT id FROM dispatcher.deliveries_done")
+        detail = (await api.get(f"/v1/deliveries/{delivery}", "DeliveryDetail")).body
+    assert [a["retry_after"] for a in detail["attempt_history"]] == [1.0, None]
