@@ -201,7 +201,11 @@ async def serve(
         admin_url = f"http://{bound_host}:{bound_port}"
 
         # Before the first claim: pauses other instances were asked for, the earliest due time.
-        await upkeep.poll()
+        try:
+            await upkeep.poll()
+        except Exception as exc:  # as if its task had died at once (see below)
+            log.error("dispatcher.task_died", task="upkeep", error=repr(exc))
+            raise StartupError("task upkeep died; see the log") from exc
         side = [
             asyncio.create_task(mailer.run(), name="mailer"),
             asyncio.create_task(listener.run(), name="listener"),
