@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from yarl import URL
 
 from . import http1
+from .egress import DIRECT_EGRESS, Egress
 from .netguard import BlockedAddressError, URLRejectedError, check_url
 from .policy import ErrorKind, Outcome
 from .profiles import EndpointSettings
@@ -20,10 +21,11 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 @asynccontextmanager
 async def http_client(
-    allow_private: bool, *, allow_loopback: bool = False
+    allow_private: bool, *, allow_loopback: bool = False, ca_file: str = ""
 ) -> AsyncIterator[http1.Client]:
-    """The one HTTP client of the daemon; its resolver refuses non-public addresses."""
-    client = http1.Client(allow_private, allow_loopback=allow_loopback)
+    """The one HTTP client of the daemon; its resolver refuses non-public addresses, and it
+    trusts `ca_file` ([egress] ca_file) beside the system store."""
+    client = http1.Client(allow_private, allow_loopback=allow_loopback, ca_file=ca_file)
     try:
         yield client
     finally:
@@ -34,7 +36,12 @@ class Sender:
     """Posts bodies and follows redirects itself: each redirect target passes the same
     check as a subscription URL before it is requested (a literal IP is never asked of a
     resolver, so a redirect to http://169.254.169.254/ would otherwise bypass the SSRF
-    guard)."""
+    guard).
+
+    Every redirect (301, 302, 303, 307, 308) sends the same POST again, body and signature
+    headers included: a webhook turned into a bodiless GET would be recorded delivered
+    while the receiver never saw it. The chain of locations is kept on the Outcome.
+    """
 
     def __init__(
         self,
@@ -45,8 +52,10 @@ class Sender:
         allow_http: bool,
         allow_private: bool,
         allow_loopback: bool = False,
+        egress: Egress = DIRECT_EGRESS,
     ) -> None:
         self._client = client
+        self._egress = egress
         self._capture = capture_bytes
         self._clock = clock
         self._allow_http = allow_http
@@ -54,9 +63,16 @@ class Sender:
         self._allow_loopback = allow_loopback
 
     async def post(
-        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: EndpointSettings,
+        *,
+        egress: Egress | None = None,
     ) -> Outcome:
-        """POST `body`; `headers` should carry Content-Type and User-Agent (else defaults)."""
+        """POST `body`; `headers` should carry Content-Type and User-Agent (else defaults).
+        `egress` (a subscription's proxy and TLS) defaults to the daemon's."""
         if "Content-Type" not in headers or "User-Agent" not in headers:
             headers = {
                 "Content-Type": "application/json",
@@ -69,8 +85,11 @@ class Sender:
         excerpt = ""
         error: ErrorKind | None = None
         detail = ""
+        redirects: list[str] = []
         try:
-            status, excerpt = await self._exchange(url, body, headers, endpoint)
+            status, excerpt = await self._exchange(
+                url, body, headers, endpoint, egress or self._egress, redirects
+            )
         except Exception as exc:  # every failure of the exchange becomes an outcome
             status = None
             error, detail = classify(exc)
@@ -83,26 +102,34 @@ class Sender:
             error=error,
             detail=_storable(detail[:500]),
             body_excerpt=excerpt,
+            redirects=tuple(redirects),
         )
 
     async def _exchange(
-        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: EndpointSettings,
+        egress: Egress,
+        redirects: list[str],
     ) -> tuple[int, str]:
-        """The request and the redirects it is allowed to follow, within one total timeout."""
-        method = "POST"
-        data: bytes | None = body
+        """The request and the redirects it is allowed to follow, within one total timeout;
+        each hop's location is appended to `redirects` (also when a later hop fails)."""
         target = self._client.target(url)
         deadline = asyncio.get_running_loop().time() + endpoint.timeout
         for hop in range(endpoint.max_redirects + 1):
+            parts = target.url
             response = await self._client.request(
-                method,
+                "POST",
                 target,
                 headers,
-                data,
+                body,
                 deadline=deadline,
                 connect_timeout=endpoint.connect_timeout,
                 verify_tls=endpoint.verify_tls,
                 capture=self._capture,
+                route=egress.route(parts.scheme, parts.raw_host or "", parts.port or 0),
             )
             location = response.location
             if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
@@ -112,6 +139,7 @@ class Sender:
                     f"more than {endpoint.max_redirects} redirects (last to {location})"
                 )
             next_url = str(target.url.join(URL(location)))
+            redirects.append(f"{response.status} {next_url}")
             check_url(
                 next_url,
                 allow_http=self._allow_http,
@@ -119,9 +147,6 @@ class Sender:
                 allow_loopback=self._allow_loopback,
             )
             target = self._client.target(next_url)
-            if response.status in (301, 302, 303):
-                # As browsers do: the body is not sent again to the new place.
-                method, data = "GET", None
         raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -140,6 +165,8 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str]:
         return ErrorKind.BLOCKED, f"redirect {exc}"
     if isinstance(exc, BlockedAddressError):
         return ErrorKind.BLOCKED, str(exc)
+    if isinstance(exc, http1.ProxyError):
+        return ErrorKind.PROXY, detail
     if isinstance(exc, http1.TLSError):
         return ErrorKind.TLS, detail
     if isinstance(exc, http1.DNSError):
