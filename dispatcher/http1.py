@@ -253,6 +253,17 @@ class _Connection(asyncio.Protocol):
             return
         if self._headers_done and not self._framed and self._status >= 200:
             self._finish(complete=True)  # an answer that ends with its connection
+        elif exc is None and self.origin.scheme == "https" and not (self.reused or self.got_data):
+            # TLS 1.3 finishes the client's handshake before the server has judged the
+            # client certificate; a refusal arrives as an alert that asyncio's SSL layer
+            # reports as a plain close (no error, no byte of an answer). On a fresh
+            # connection that is the likely cause, and retrying will not change it.
+            self._fail(
+                TLSError(
+                    "the receiver closed the TLS connection without answering (how TLS 1.3 "
+                    "shows a missing or refused client certificate)"
+                )
+            )
         elif exc is not None:
             self._fail(DisconnectedError(f"connection lost: {exc}"))
         else:
