@@ -321,7 +321,8 @@ class _Tunnel(asyncio.Protocol):
         self._answer: asyncio.Future[bytes] | None = None
 
     def open(self, authority: str, proxy: Proxy) -> asyncio.Future[bytes]:
-        """Send CONNECT; the future gets the answer's head (status line and headers)."""
+        """Send CONNECT; the future gets what the proxy sent up to the end of its answer's
+        head (and any bytes that came with it)."""
         assert self.transport is not None
         lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"]
         if proxy.authorization is not None:
@@ -345,10 +346,7 @@ class _Tunnel(asyncio.Protocol):
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if end >= 0:
-            if end + 4 < len(self._head) and self._head.startswith(b"HTTP/1.1 2"):
-                answer.set_exception(ProtocolError("data after the proxy's CONNECT answer"))
-            else:
-                answer.set_result(bytes(self._head[:end]))
+            answer.set_result(bytes(self._head))  # the head, and whatever came after it
         elif len(self._head) > MAX_HEAD:
             answer.set_exception(ProxyError(f"CONNECT answer head larger than {MAX_HEAD} bytes"))
 
@@ -569,9 +567,14 @@ class Client:
             raise ProxyError(f"cannot connect to the proxy {proxy}: {last}") from None
         host = f"[{origin.host}]" if ":" in origin.host else origin.host
         try:
-            status, reason = _connect_status(await tunnel.open(f"{host}:{origin.port}", proxy))
+            answer = await tunnel.open(f"{host}:{origin.port}", proxy)
+            head, _, extra = answer.partition(b"\r\n\r\n")
+            status, reason = _connect_status(head)
             if not 200 <= status < 300:
                 raise ProxyError(f"the proxy answered CONNECT with {status} {reason}")
+            if extra:
+                # The receiver cannot speak before our TLS hello: not a tunnel we can use.
+                raise ProxyError("the proxy sent data after its answer to CONNECT")
             conn = _Connection(origin)
             try:
                 secured = await loop.start_tls(transport, conn, tls, server_hostname=origin.host)
