@@ -21,7 +21,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from dispatcher import config, http1
+from dispatcher import config, http1, queries
 from dispatcher.egress import (
     DIRECT_EGRESS,
     Egress,
@@ -587,3 +587,30 @@ def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The machine's own proxy variables must not leak into these tests."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
+
+
+async def test_proxy_errors_do_not_count_toward_error_rate_deactivation(
+    db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    sid = await subscribe(db, receiver.url(), profile="tillhub")
+
+    async def failures(error: str, count: int) -> None:
+        await db.execute(
+            "INSERT INTO dispatcher.attempts (delivery_id, subscription_id, attempt, started_at,"
+            " duration_ms, error, outcome) SELECT i, $1, 1, now(), 1, $2, 'retry'"
+            " FROM generate_series(1, $3) AS i",
+            sid,
+            error,
+            count,
+        )
+
+    async def deactivated() -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await db.fetch(
+            queries.ERROR_RATE_DEACTIVATE, [sid], [0.9], [5], [3600.0]
+        )
+        return rows
+
+    await failures("proxy: ProxyError: the proxy answered CONNECT with 502 Bad Gateway", 20)
+    assert await deactivated() == []  # the proxy's outage, not the receiver's
+    await failures("connect: ConnectError: refused", 5)
+    assert [r["id"] for r in await deactivated()] == [sid]
