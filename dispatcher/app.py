@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import clocksync, migrate
+from . import clocksync, egress, migrate
 from .admin import AdminState, build
 from .config import Settings, parse_listen
 from .dberrors import DB_ERRORS, Outage
@@ -149,12 +150,17 @@ async def serve(
             await clocksync.sync(pool, clock)
         except DB_ERRORS as exc:
             raise StartupError(f"cannot read the database's clock: {exc}") from None
-        client = await stack.enter_async_context(
-            http_client(
-                settings.security.allow_private_networks,
-                allow_loopback=settings.security.allow_loopback,
+        try:
+            default_egress = egress.from_config(settings.egress.proxy, settings.egress.ca_file)
+            client = await stack.enter_async_context(
+                http_client(
+                    settings.security.allow_private_networks,
+                    allow_loopback=settings.security.allow_loopback,
+                    ca_file=settings.egress.ca_file,
+                )
             )
-        )
+        except (egress.EgressError, ssl.SSLError, OSError) as exc:
+            raise StartupError(f"[egress]: {exc}") from None
         metrics = Metrics()
         sender = Sender(
             client,
@@ -163,6 +169,13 @@ async def serve(
             allow_http=settings.security.allow_http,
             allow_private=settings.security.allow_private_networks,
             allow_loopback=settings.security.allow_loopback,
+            egress=default_egress,
+        )
+        log.info(
+            "egress.route",
+            http_proxy=str(default_egress.http_proxy or "direct"),
+            https_proxy=str(default_egress.https_proxy or "direct"),
+            ca_file=settings.egress.ca_file or None,
         )
         worker = Worker(
             worker_pool,

@@ -103,7 +103,10 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         decision = decide(endpoint.policy, job.attempt, outcome, created, spread)
         email = failure_email(endpoint.email_on, decision.verdict)
         failed = decision.verdict is not Verdict.DELIVERED
-        error_rate = endpoint.error_rate if failed else None
+        # A proxy outage is the operator's, not the receiver's: it never deactivates.
+        error_rate = (
+            endpoint.error_rate if failed and outcome.error is not ErrorKind.PROXY else None
+        )
     result = Result(
         job.message.delivery_id,
         job.message.subscription_id,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .egress import EgressError, parse_proxy
+
 
 class ConfigError(ValueError):
     """A config file or environment variable that cannot be used, named in the message."""
@@ -57,6 +59,14 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressSettings:
+    # http://[user:pass@]host:port; "" = HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "none" = direct.
+    proxy: str = ""
+    # A PEM bundle trusted in addition to the system store, for every delivery.
+    ca_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionSettings:
     days: int = 14
 
@@ -88,6 +98,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
     email: EmailSettings = field(default_factory=EmailSettings)
@@ -195,6 +206,17 @@ def _validate(settings: Settings) -> None:
         )
     parse_listen(settings.admin.listen)
     _validate_email(settings.email)
+    _validate_egress(settings.egress)
+
+
+def _validate_egress(e: EgressSettings) -> None:
+    if e.proxy.strip() and e.proxy.strip().lower() != "none":
+        try:
+            parse_proxy(e.proxy)
+        except EgressError as exc:
+            raise ConfigError(f"[egress] proxy: {exc}") from None
+    if e.ca_file and not Path(e.ca_file).is_file():
+        raise ConfigError(f"[egress] ca_file: no such file {e.ca_file!r}")
 
 
 def _validate_email(e: EmailSettings) -> None:

@@ -28,6 +28,9 @@ class ErrorKind(StrEnum):
     DNS = "dns"
     TLS = "tls"
     NETWORK = "network"
+    # The egress proxy failed (unreachable, 407, refused CONNECT, its own 5xx page): not the
+    # receiver's answer, so no status-based rule applies; retried like a network error.
+    PROXY = "proxy"
     REDIRECTS = "too_many_redirects"
     BLOCKED = "blocked_address"
     INVALID_URL = "invalid_url"
@@ -63,6 +66,8 @@ class Outcome:
     body_excerpt: str = ""
     # The answer's Retry-After, in seconds from `finished_at` (send.parse_retry_after).
     retry_after: float | None = None
+    # Redirects followed, in order: "302 https://new.example/hook" (status, then where to).
+    redirects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +132,7 @@ class RetryOn:
             return self.tls
         if outcome.error in (ErrorKind.BLOCKED, ErrorKind.INVALID_URL, ErrorKind.SETTINGS):
             return False
-        return self.network
+        return self.network  # CONNECT, DNS, NETWORK, PROXY, REDIRECTS
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,7 +228,7 @@ class Recorder:
             [r.outcome.duration * 1000.0 for r in batch],
             [r.outcome.status for r in batch],
             [_error_text(r.outcome) for r in batch],
-            [r.outcome.body_excerpt or None for r in batch],
+            [_excerpt(r.outcome) for r in batch],
             [r.decision.verdict.value for r in batch],
             [r.decision.next_at for r in batch],
             self._owner,
@@ -253,6 +253,17 @@ class Recorder:
             m.attempts.labels(*labels).inc(n)
         for verdict, n in ended.items():
             m.deliveries.labels(verdict).inc(n)
+
+
+def _excerpt(outcome: Outcome) -> str | None:
+    """The response excerpt, after a first line with the redirects followed, if any: the
+    attempt's history shows where the webhook went without a new column."""
+    if not outcome.redirects:
+        return outcome.body_excerpt or None
+    chain = "redirected: " + " -> ".join(outcome.redirects)
+    if len(chain) > 2000:
+        chain = chain[:1999] + "…"
+    return chain + "\n" + outcome.body_excerpt
 
 
 def _error_text(outcome: Outcome) -> str | None:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from yarl import URL
 
 from . import http1
+from .egress import DIRECT_EGRESS, Egress
 from .netguard import BlockedAddressError, URLRejectedError, check_url
 from .policy import ErrorKind, Outcome
 from .profiles import EndpointSettings
@@ -22,10 +23,11 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 @asynccontextmanager
 async def http_client(
-    allow_private: bool, *, allow_loopback: bool = False
+    allow_private: bool, *, allow_loopback: bool = False, ca_file: str = ""
 ) -> AsyncIterator[http1.Client]:
-    """The one HTTP client of the daemon; its resolver refuses non-public addresses."""
-    client = http1.Client(allow_private, allow_loopback=allow_loopback)
+    """The one HTTP client of the daemon; its resolver refuses non-public addresses, and it
+    trusts `ca_file` ([egress] ca_file) beside the system store."""
+    client = http1.Client(allow_private, allow_loopback=allow_loopback, ca_file=ca_file)
     try:
         yield client
     finally:
@@ -36,7 +38,12 @@ class Sender:
     """Posts bodies and follows redirects itself: each redirect target passes the same
     check as a subscription URL before it is requested (a literal IP is never asked of a
     resolver, so a redirect to http://169.254.169.254/ would otherwise bypass the SSRF
-    guard)."""
+    guard).
+
+    Every redirect (301, 302, 303, 307, 308) sends the same POST again, body and signature
+    headers included: a webhook turned into a bodiless GET would be recorded delivered
+    while the receiver never saw it. The chain of locations is kept on the Outcome.
+    """
 
     def __init__(
         self,
@@ -47,8 +54,10 @@ class Sender:
         allow_http: bool,
         allow_private: bool,
         allow_loopback: bool = False,
+        egress: Egress = DIRECT_EGRESS,
     ) -> None:
         self._client = client
+        self._egress = egress
         self._capture = capture_bytes
         self._clock = clock
         self._allow_http = allow_http
@@ -56,9 +65,16 @@ class Sender:
         self._allow_loopback = allow_loopback
 
     async def post(
-        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: EndpointSettings,
+        *,
+        egress: Egress | None = None,
     ) -> Outcome:
-        """POST `body`; `headers` should carry Content-Type and User-Agent (else defaults)."""
+        """POST `body`; `headers` should carry Content-Type and User-Agent (else defaults).
+        `egress` (a subscription's proxy and TLS) defaults to the daemon's."""
         if "Content-Type" not in headers or "User-Agent" not in headers:
             headers = {
                 "Content-Type": "application/json",
@@ -72,8 +88,11 @@ class Sender:
         error: ErrorKind | None = None
         detail = ""
         retry_after = None
+        redirects: list[str] = []
         try:
-            status, excerpt, retry_after = await self._exchange(url, body, headers, endpoint)
+            status, excerpt, retry_after = await self._exchange(
+                url, body, headers, endpoint, egress or self._egress, redirects
+            )
         except Exception as exc:  # every failure of the exchange becomes an outcome
             status = None
             error, detail = classify(exc)
@@ -87,27 +106,35 @@ class Sender:
             detail=_storable(detail[:500]),
             body_excerpt=excerpt,
             retry_after=parse_retry_after(retry_after, time.time()) if retry_after else None,
+            redirects=tuple(redirects),
         )
 
     async def _exchange(
-        self, url: str, body: bytes, headers: dict[str, str], endpoint: EndpointSettings
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        endpoint: EndpointSettings,
+        egress: Egress,
+        redirects: list[str],
     ) -> tuple[int, str, str | None]:
         """The request and the redirects it is allowed to follow, within one total timeout:
-        the final answer's status, the start of its body and its Retry-After header."""
-        method = "POST"
-        data: bytes | None = body
+        the final answer's status, the start of its body and its Retry-After header; each
+        hop's location is appended to `redirects` (also when a later hop fails)."""
         target = self._client.target(url)
         deadline = asyncio.get_running_loop().time() + endpoint.timeout
         for hop in range(endpoint.max_redirects + 1):
+            parts = target.url
             response = await self._client.request(
-                method,
+                "POST",
                 target,
                 headers,
-                data,
+                body,
                 deadline=deadline,
                 connect_timeout=endpoint.connect_timeout,
                 verify_tls=endpoint.verify_tls,
                 capture=self._capture,
+                route=egress.route(parts.scheme, parts.raw_host or "", parts.port or 0),
             )
             location = response.location
             if not (endpoint.follow_redirects and response.status in _REDIRECTS and location):
@@ -118,6 +145,7 @@ class Sender:
                     f"more than {endpoint.max_redirects} redirects (last to {location})"
                 )
             next_url = str(target.url.join(URL(location)))
+            redirects.append(f"{response.status} {next_url}")
             check_url(
                 next_url,
                 allow_http=self._allow_http,
@@ -125,9 +153,6 @@ class Sender:
                 allow_loopback=self._allow_loopback,
             )
             target = self._client.target(next_url)
-            if response.status in (301, 302, 303):
-                # As browsers do: the body is not sent again to the new place.
-                method, data = "GET", None
         raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -162,6 +187,8 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str]:
         return ErrorKind.BLOCKED, f"redirect {exc}"
     if isinstance(exc, BlockedAddressError):
         return ErrorKind.BLOCKED, str(exc)
+    if isinstance(exc, http1.ProxyError):
+        return ErrorKind.PROXY, detail
     if isinstance(exc, http1.TLSError):
         return ErrorKind.TLS, detail
     if isinstance(exc, http1.DNSError):
