@@ -29,6 +29,7 @@ from .api import (
     scope,
     state,
 )
+from .egress import DIRECT_EGRESS, EgressError, describe_client_cert
 from .envelope import iso_millis
 from .models import (
     SETTING_KEYS,
@@ -39,7 +40,7 @@ from .models import (
     SubscriptionUpdate,
 )
 from .netguard import URLRejectedError, check_url
-from .profiles import PROFILES, SettingsError, resolve
+from .profiles import PROFILES, EndpointSettings, SettingsError, resolve
 from .signing import SIGNERS, auth_headers, new_secret
 
 INSERT = """
@@ -128,7 +129,7 @@ def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
         "url": row["url"],
         "events": row["events"],
         "profile": row["profile"],
-        "settings": orjson.loads(row["settings"]),
+        "settings": _shown_settings(orjson.loads(row["settings"])),
         "name": row["name"],
         "description": row["description"],
         "active": row["active"],
@@ -141,6 +142,40 @@ def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
     if secret is not None:
         out["secret"] = secret
     return out
+
+
+def _shown_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as answers show them: a client certificate as its subject and expiry, its
+    key never."""
+    tls = settings.get("tls")
+    if not isinstance(tls, dict) or not ({"client_cert", "client_key"} & set(tls)):
+        return settings
+    shown = {k: v for k, v in tls.items() if k not in ("client_cert", "client_key")}
+    cert = tls.get("client_cert")
+    described = describe_client_cert(cert) if isinstance(cert, str) else None
+    if described is not None:
+        shown["client_cert_subject"] = described.subject
+        shown["client_cert_expires_at"] = described.not_after
+    return {**settings, "tls": shown}
+
+
+def _egress_checked(endpoint: EndpointSettings, where: str) -> None:
+    """A subscription's proxy and TLS material are usable (422 naming the field if not)."""
+    if endpoint.proxy is not None:
+        try:
+            DIRECT_EGRESS.override(proxy=endpoint.proxy)
+        except EgressError as exc:
+            raise invalid(where + "proxy", str(exc)) from None
+    if endpoint.tls is not None:
+        try:
+            DIRECT_EGRESS.override(tls=endpoint.tls)
+        except EgressError as exc:
+            message = str(exc)
+            # The messages begin with what they are about ("client_key does not belong...").
+            key = next(
+                (k for k in ("client_cert", "client_key", "ca") if message.startswith(k)), None
+            )
+            raise invalid(where + "tls" + (f".{key}" if key else ""), message) from None
 
 
 def _events(sub: SubscriptionCreate) -> list[str]:
@@ -164,10 +199,13 @@ def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[
     overrides = {**data.get("settings", {}), **top}
     config = state(request).settings.delivery
     try:
-        resolve(profile, overrides, timeout=config.timeout, connect_timeout=config.connect_timeout)
+        endpoint = resolve(
+            profile, overrides, timeout=config.timeout, connect_timeout=config.connect_timeout
+        )
     except SettingsError as exc:
         where = "" if exc.field == "profile" or exc.field.split(".")[0] in top else "settings."
         raise invalid(where + exc.field, exc.message) from None
+    _egress_checked(endpoint, "" if "tls" in top or "proxy" in top else "settings.")
     return overrides
 
 

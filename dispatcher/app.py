@@ -185,6 +185,7 @@ async def serve(
             metrics,
             clock=clock,
             outage=outage,
+            egress=default_egress,
         )
         upkeep = Upkeep(
             worker_pool,

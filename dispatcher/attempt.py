@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .egress import DIRECT_EGRESS, Egress
 from .endpoints import Endpoint
 from .envelope import Message, render
 from .policy import Decision, ErrorKind, Outcome, Verdict, decide
@@ -26,6 +27,7 @@ class Job:
     blocked: str | None
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
+    egress: Egress = DIRECT_EGRESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         headers=endpoint.headers,
         blocked=endpoint.blocked,
         cap=endpoint.cap,
+        egress=endpoint.egress,
     )
 
 

@@ -224,6 +224,18 @@ class ClientCertificate:
     not_after: datetime
 
 
+def describe_client_cert(cert_pem: str) -> ClientCertificate | None:
+    """The subject and expiry of a stored client certificate (what the API shows instead of
+    the PEM and its key); None when it does not parse."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+    except ValueError:
+        return None
+    return ClientCertificate(leaf.subject.rfc4514_string(), leaf.not_valid_after_utc)
+
+
 def validate_client_cert(
     cert_pem: str, key_pem: str, *, now: datetime | None = None
 ) -> ClientCertificate:
@@ -260,7 +272,7 @@ def validate_tls(config: TLSConfig) -> None:
     if config.ca is not None:
         try:
             ssl.create_default_context().load_verify_locations(cadata=config.ca)
-        except (ssl.SSLError, ValueError) as exc:
+        except (ssl.SSLError, ValueError, TypeError) as exc:  # TypeError: not ASCII
             raise EgressError(f"ca is not a PEM certificate bundle: {exc}") from None
     if (config.client_cert is None) != (config.client_key is None):
         raise EgressError("client_cert and client_key go together: set both or neither")

@@ -16,6 +16,7 @@ import structlog
 from . import queries
 from .config import DeliverySettings, SecuritySettings
 from .dberrors import DB_ERRORS, Outage
+from .egress import DIRECT_EGRESS, Egress, EgressError
 from .metrics import Metrics
 from .netguard import URLRejectedError, check_url
 from .profiles import DEFAULT_USER_AGENT, EndpointSettings, SettingsError, resolve
@@ -43,6 +44,8 @@ class Endpoint:
     blocked: str | None
     # Its own max_in_flight, else the daemon's max_per_endpoint.
     cap: int
+    # How its requests leave: the daemon's [egress], or the subscription's proxy and TLS.
+    egress: Egress = DIRECT_EGRESS
 
     def secrets(self, now: float) -> list[str]:
         """The current signing secret first, then the previous one while it is valid."""
@@ -53,11 +56,21 @@ class Endpoint:
 
 
 def build(
-    row: Mapping[str, Any], delivery: DeliverySettings, security: SecuritySettings
+    row: Mapping[str, Any],
+    delivery: DeliverySettings,
+    security: SecuritySettings,
+    default_egress: Egress = DIRECT_EGRESS,
 ) -> Endpoint:
     """The Endpoint of a queries.SUBSCRIPTIONS row: its settings resolved against the
-    daemon's timeouts, its headers, and the SSRF guard's verdict on its URL."""
+    daemon's timeouts, its headers, the SSRF guard's verdict on its URL, and its egress
+    (built once a version: its TLS context is cached by the client from then on)."""
     settings = _resolve(row["profile"], row["settings"], delivery)
+    egress = default_egress
+    if isinstance(settings, EndpointSettings) and (settings.proxy or settings.tls):
+        try:
+            egress = default_egress.override(settings.proxy, settings.tls)
+        except EgressError as exc:  # stored by hand past the API's check
+            settings = SettingsError("tls" if settings.tls else "proxy", str(exc))
     user_agent = (
         settings.user_agent if isinstance(settings, EndpointSettings) else DEFAULT_USER_AGENT
     )
@@ -88,6 +101,7 @@ def build(
         headers=headers,
         blocked=blocked,
         cap=cap,
+        egress=egress,
     )
 
 
@@ -116,9 +130,11 @@ class Endpoints:
         security: SecuritySettings,
         metrics: Metrics,
         outage: Outage | None = None,
+        egress: Egress = DIRECT_EGRESS,
     ) -> None:
         self._pool = pool
         self._outage = outage or Outage()
+        self._egress = egress
         self._delivery = delivery
         self._security = security
         self._metrics = metrics
@@ -151,7 +167,7 @@ class Endpoints:
         if len(self._cache) > _MAX_CACHED:
             self._cache.clear()
         for sub in subscriptions:
-            endpoint = build(sub, self._delivery, self._security)
+            endpoint = build(sub, self._delivery, self._security, self._egress)
             self._cache[sub["id"], sub["updated_at"]] = endpoint
             found[sub["id"]] = endpoint
         return found

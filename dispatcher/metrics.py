@@ -27,6 +27,7 @@ class Metrics:
     db_errors: Counter = field(init=False)
     deactivations: Counter = field(init=False)
     subscriptions: Gauge = field(init=False)
+    client_certificates_expiring: Gauge = field(init=False)
     db_seconds: Histogram = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,12 @@ class Metrics:
             "dispatcher_subscriptions",
             "Subscriptions in the database, by state (active, inactive)",
             ["state"],
+            registry=r,
+        )
+        self.client_certificates_expiring = Gauge(
+            "dispatcher_client_certificates_expiring",
+            "Active subscriptions whose client certificate (mTLS) expires within 14 days or "
+            "has expired (checked hourly)",
             registry=r,
         )
         self.db_seconds = Histogram(

@@ -191,6 +191,30 @@ else:
     RetryPreset = Literal[tuple(sorted(RETRY_PRESETS))]
 
 
+_PORT = "([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+# What egress.parse_proxy accepts: "none", or http://[user:pass@]host[:port][/].
+PROXY_RE = _line(rf"(none|http://([A-Za-z0-9._~%!$&'()*+,;=:-]+@)?[A-Za-z0-9.-]+(:{_PORT})?/?)")
+Pem = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=65_536,
+        description="PEM text; checked when stored (it parses; a key matches its certificate, "
+        "which is valid now)",
+    ),
+]
+
+
+class TLSSettings(Closed):
+    """A receiver's own CA (trusted beside the system store and [egress] ca_file) and a
+    client certificate with its key for receivers that demand one (mTLS). The key is never
+    shown again: answers show the certificate's subject and expiry instead."""
+
+    ca: Pem | UnsetType = UNSET
+    client_cert: Pem | UnsetType = UNSET
+    client_key: Pem | UnsetType = UNSET
+
+
 class Settings(Closed):
     """A profile's settings, and a subscription's overrides of them: one shape for both."""
 
@@ -212,6 +236,9 @@ class Settings(Closed):
         Annotated[list[Annotated[int, Meta(ge=100, le=599)]], Meta(max_length=100)] | UnsetType
     ) = UNSET
     delete_on_body: Text200 | UnsetType | None = UNSET
+    # "none" (direct, whatever [egress] says) or an http://[user:pass@]host:port proxy.
+    proxy: Annotated[str, Meta(max_length=2048, pattern=PROXY_RE)] | UnsetType = UNSET
+    tls: TLSSettings | UnsetType = UNSET
     # Answers whose Retry-After sets the earliest next attempt (default 429 and 503).
     retry_after_on: (
         Annotated[list[Annotated[int, Meta(ge=100, le=599)]], Meta(max_length=100)] | UnsetType

@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from .models import RETRY_PRESETS, EmailOn, Invalid, Retry, Settings, decode
+from .models import RETRY_PRESETS, EmailOn, Invalid, Retry, Settings, TLSSettings, decode
 from .models import RetryOn as RetryOnSettings
 from .policy import DeliveryPolicy, RetryOn, RetryPolicy, SuccessRule
 
@@ -46,6 +46,10 @@ class EndpointSettings:
     email_on: EmailOn = EmailOn.FINAL
     error_rate: ErrorRateLimit | None = None
     verify_on_create: bool = False
+    # The subscription's own egress: "none" or a proxy URL, and TLS PEM texts by name
+    # ("ca", "client_cert", "client_key"); None: the daemon's [egress].
+    proxy: str | None = None
+    tls: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +192,15 @@ def resolve(
             window=_or(limit.window, _DAY),
         ),
         verify_on_create=pick("verify_on_create", False),
+        proxy=pick("proxy", None),
+        tls=_tls(pick("tls", None)),
     )
+
+
+def _tls(block: TLSSettings | None) -> dict[str, str] | None:
+    if block is None:
+        return None
+    return {k: v for k in block.__struct_fields__ if isinstance(v := getattr(block, k), str)}
 
 
 def _or(value: Any, default: Any) -> Any:

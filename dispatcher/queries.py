@@ -188,5 +188,11 @@ FROM dispatcher.deliveries
 WHERE NOT paused
 """
 
+# Client certificates of active subscriptions (settings.tls.client_cert), for their expiry.
+CLIENT_CERTIFICATES = """
+SELECT settings->'tls'->>'client_cert' AS pem FROM dispatcher.subscriptions
+WHERE active AND settings->'tls' ? 'client_cert'
+"""
+
 PARTITIONS = "SELECT dispatcher.ensure_partitions(current_date, 3)"
 DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"

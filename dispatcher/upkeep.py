@@ -5,6 +5,7 @@ daemon, as a dead worker does."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from uuid import UUID
 
@@ -13,6 +14,7 @@ import structlog
 
 from . import queries
 from .dberrors import DB_ERRORS, Outage
+from .egress import describe_client_cert
 from .metrics import Metrics
 from .profiles import ErrorRateLimit
 from .schedule import Clock
@@ -20,6 +22,8 @@ from .schedule import Clock
 log = structlog.get_logger(__name__)
 
 MAINTENANCE_INTERVAL = 3600.0  # seconds between partition and retention runs
+# A client certificate expiring this soon counts in dispatcher_client_certificates_expiring.
+CERTIFICATE_WARNING = timedelta(days=14)
 
 
 class Dispatch(Protocol):
@@ -117,8 +121,16 @@ class Upkeep:
             )
 
     async def maintain(self) -> None:
-        """Partitions for the next days, retention for the old ones."""
+        """Partitions for the next days, retention for the old ones, client certificates
+        that expire soon."""
         try:
+            soon = datetime.now(UTC) + CERTIFICATE_WARNING
+            expiring = 0
+            for row in await self._pool.fetch(queries.CLIENT_CERTIFICATES):
+                described = describe_client_cert(row["pem"])
+                if described is None or described.not_after <= soon:
+                    expiring += 1
+            self._metrics.client_certificates_expiring.set(expiring)
             await self._pool.execute(queries.PARTITIONS)
             dropped = await self._pool.fetchval(queries.DROP_PARTITIONS, self._retention_days)
             if dropped:

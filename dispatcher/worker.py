@@ -24,6 +24,7 @@ from .attempt import Job, Request
 from .claim import Claims
 from .config import DeliverySettings, SecuritySettings
 from .dberrors import DB_ERRORS, Backoff, Outage
+from .egress import DIRECT_EGRESS, Egress
 from .endpoints import Endpoints
 from .flow import Flow
 from .metrics import Metrics
@@ -55,6 +56,7 @@ class Worker:
         clock: Clock | None = None,
         owner: UUID | None = None,
         outage: Outage | None = None,
+        egress: Egress = DIRECT_EGRESS,
     ) -> None:
         self.owner = owner or uuid.uuid4()
         self._outage = outage = outage or Outage()
@@ -77,7 +79,7 @@ class Worker:
             on_flushed=self._recorded,
             outage=outage,
         )
-        endpoints = Endpoints(pool, settings, security, metrics, outage)
+        endpoints = Endpoints(pool, settings, security, metrics, outage, egress)
         self._claims = Claims(
             pool,
             self.owner,
@@ -326,7 +328,9 @@ class Worker:
     async def _deliver(self, job: Job) -> None:
         request = attempt.prepare(job, self._clock.wall_ns(), self._clock())
         if isinstance(request, Request):
-            post = self._sender.post(job.url, request.body, request.headers, request.settings)
+            post = self._sender.post(
+                job.url, request.body, request.headers, request.settings, egress=job.egress
+            )
             outcome, sent = await post, request.body
         else:
             outcome, sent = request, None

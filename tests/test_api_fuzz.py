@@ -13,11 +13,14 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
+import trustme
 
 from dispatcher import tokens
 
 from .helpers import DaemonProcess, Receiver, subscribe
+from .test_egress import client_tls
 
 ADMIN_TOKEN = "admin-token-for-the-fuzz-run-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +77,7 @@ async def test_generated_requests_get_no_5xx_and_match_the_schema(
                     "FUZZ_ENVIRONMENT": "env-fuzz",
                     "FUZZ_RECEIVER": receiver.url(),
                     "FUZZ_LINKS_LOG": str(links),
+                    "FUZZ_TLS": orjson.dumps(client_tls(trustme.CA(), trustme.CA())).decode(),
                 },
                 cwd=tmp_path,
             )
