@@ -46,6 +46,8 @@ class EndpointSettings:
     email_on: EmailOn = EmailOn.FINAL
     error_rate: ErrorRateLimit | None = None
     verify_on_create: bool = False
+    # Consecutive failed attempts that publish dispatcher.delivery_failing.v1; None: never.
+    failing_threshold: int | None = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ def resolve(
             window=_or(limit.window, _DAY),
         ),
         verify_on_create=pick("verify_on_create", False),
+        failing_threshold=pick("failing_threshold", 5),
     )
 
 
