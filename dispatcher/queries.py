@@ -212,7 +212,7 @@ DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"
 PUBLISH_EXHAUSTED = """
 SELECT dispatcher.publish_internal(
     array_agg(s.environment_id),
-    array_agg('dispatcher.delivery_exhausted.v1'),
+    array_agg('dispatcher.delivery_exhausted.v1'::text),
     array_agg(jsonb_build_object(
         'delivery_id', x.delivery_id, 'subscription_id', x.subscription_id, 'url', s.url,
         'event_name', x.event_name, 'outcome', x.outcome, 'attempts', x.attempts,
@@ -229,7 +229,7 @@ JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
 PUBLISH_DELETED = """
 SELECT dispatcher.publish_internal(
     array_agg(s.environment_id),
-    array_agg('dispatcher.endpoint_disabled.v1'),
+    array_agg('dispatcher.endpoint_disabled.v1'::text),
     array_agg(jsonb_build_object('subscription_id', s.id, 'url', s.url,
                                  'reason', 'deleted: the receiver asked to unsubscribe')))
 FROM dispatcher.subscriptions s WHERE s.id = ANY($1::uuid[]) AND s.active
