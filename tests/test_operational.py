@@ -297,3 +297,34 @@ async def test_the_dispatcher_entity_is_refused_on_every_publish_path(
         )
         == 0
     )
+
+
+def test_streaks_write_only_batches_with_failures_or_known_streaks() -> None:
+    from dispatcher.operational import Streaks
+    from dispatcher.policy import Decision, Outcome, Verdict
+    from dispatcher.record import Result
+
+    a, b = UUID(int=1), UUID(int=2)
+
+    def result(sid: UUID, verdict: Verdict, event: str = "products.create.v0") -> Result:
+        return Result(
+            1, sid, 1, Outcome(0, 0, 0), Decision(verdict), event_name=event, failing_threshold=5
+        )
+
+    streaks = Streaks()
+    assert streaks.changes([result(a, Verdict.DELIVERED)]) is None, "the common batch"
+    assert streaks.changes([result(a, Verdict.RETRY, "dispatcher.delivery_failing.v1")]) is None
+    failed = streaks.changes(
+        [result(a, Verdict.RETRY), result(a, Verdict.FAILED), result(b, Verdict.DELIVERED)]
+    )
+    assert failed is not None
+    assert (failed.subscription_ids, failed.failures, failed.succeeded) == ([a], [2], [False])
+    streaks.settle(failed)
+    ended = streaks.changes([result(a, Verdict.RETRY), result(a, Verdict.DELIVERED)])
+    assert ended is not None
+    assert (ended.failures, ended.succeeded) == ([0], [True])
+    streaks.settle(ended)
+    assert streaks.changes([result(a, Verdict.DELIVERED)]) is None
+    # Another instance's streak, learnt at a poll, is ended by a success here.
+    streaks.refresh(streaks.snapshot(), [b])
+    assert streaks.changes([result(b, Verdict.DELIVERED)]) is not None
