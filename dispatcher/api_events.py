@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 from msgspec import UnsetType
 
-from .api import body, decoded, environment_for, json_response, state
-from .models import EventCreate, ImportCreate
+from .api import body, decoded, environment_for, invalid, json_response, state
+from .models import RESERVED_ENTITY, EventCreate, ImportCreate
 
 PUBLISH = "SELECT dispatcher.publish($1, $2, $3::text::jsonb, $4, $5)"
 
@@ -22,8 +24,21 @@ FROM dispatcher.events e WHERE e.id = $1
 """
 
 
+def _not_reserved(data: dict[str, Any]) -> None:
+    """Refuse the dispatcher's own entity in words (the schema's pattern says it too, and the
+    database refuses it whatever the path: sql/0008)."""
+    name = data.get("event_name")
+    if isinstance(name, str) and name.split(".", 1)[0] == RESERVED_ENTITY:
+        raise invalid(
+            "event_name",
+            f'the entity "{RESERVED_ENTITY}" is reserved for the dispatcher\'s own operational '
+            "events; publish under another entity",
+        )
+
+
 async def publish(request: web.Request) -> web.Response:
     data = await body(request)
+    _not_reserved(data)
     event = decoded(data, EventCreate)
     environment = environment_for(request, _or_none(event.environment_id))
     # body() has refused NUL characters, which text and jsonb cannot store.
@@ -62,6 +77,7 @@ IMPORT = "SELECT dispatcher.publish_import($1, $2, $3::text::jsonb)"
 async def publish_import(request: web.Request) -> web.Response:
     """Many entities at once: items and customers go out in batches of at most 80 a request."""
     data = await body(request)
+    _not_reserved(data)
     batch = decoded(data, ImportCreate)
     environment = environment_for(request, _or_none(batch.environment_id))
     entities = data["entities"]  # as sent, not as _integral read them

@@ -41,13 +41,13 @@ from .models import (
 )
 from .netguard import URLRejectedError, check_url
 from .profiles import PROFILES, EndpointSettings, SettingsError, resolve
-from .signing import SIGNERS, auth_headers, new_secret
+from .signing import ASYMMETRIC, SIGNERS, auth_headers, new_secret, new_signing_key, public_key
 
 INSERT = """
 INSERT INTO dispatcher.subscriptions
     (environment_id, url, events, profile, settings, secret, name, description, active,
-     auth, email)
-VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10::text::jsonb, $11)
+     auth, email, signing_key)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10::text::jsonb, $11, $12)
 RETURNING *
 """
 
@@ -68,7 +68,9 @@ UPDATE = """
 UPDATE dispatcher.subscriptions
 SET url = $2, events = $3, profile = $4, settings = $5::text::jsonb, secret = $6, name = $7,
     description = $8, active = $9, auth = $10::text::jsonb, email = $11,
-    deactivated_reason = CASE WHEN $9 THEN NULL ELSE deactivated_reason END,
+    signing_key = coalesce(signing_key, $12),
+    deactivated_reason = CASE WHEN $9 THEN NULL WHEN active THEN 'deactivated by API'
+                              ELSE deactivated_reason END,
     updated_at = now()
 WHERE id = $1
 RETURNING *
@@ -139,6 +141,9 @@ def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
+    if row["signing_key"] is not None:
+        # Derived from the private key, which never leaves the database.
+        out["public_key"] = public_key(row["signing_key"])
     if secret is not None:
         out["secret"] = secret
     return out
@@ -207,6 +212,18 @@ def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[
         raise invalid(where + exc.field, exc.message) from None
     _egress_checked(endpoint, "" if "tls" in top or "proxy" in top else "settings.")
     return overrides
+
+
+def _asymmetric(request: web.Request, profile: str, settings: Any) -> bool:
+    """Whether the subscription signs with an Ed25519 key pair (standard_v1a)."""
+    config = state(request).settings.delivery
+    try:
+        endpoint = resolve(
+            profile, settings, timeout=config.timeout, connect_timeout=config.connect_timeout
+        )
+    except SettingsError:
+        return False
+    return endpoint.signature in ASYMMETRIC
 
 
 def _validated(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
@@ -292,9 +309,15 @@ def _taken() -> ApiError:
 
 
 async def _store(
-    request: web.Request, query: str, key: object, fields: dict[str, Any], secret: str
+    request: web.Request,
+    query: str,
+    key: object,
+    fields: dict[str, Any],
+    secret: str,
+    signing_key: str | None,
 ) -> asyncpg.Record:
-    """INSERT (keyed by environment) or UPDATE (keyed by id): the same columns in order."""
+    """INSERT (keyed by environment) or UPDATE (keyed by id): the same columns in order. An
+    UPDATE keeps a key pair the subscription has (`signing_key` only fills a missing one)."""
     try:
         row: asyncpg.Record = await state(request).pool.fetchrow(
             query,
@@ -309,6 +332,7 @@ async def _store(
             fields["active"],
             orjson.dumps(fields["auth"]).decode(),
             fields["email"],
+            signing_key,
         )
     except asyncpg.UniqueViolationError:
         raise _taken() from None
@@ -335,8 +359,12 @@ async def create(request: web.Request) -> web.Response:
         # Before the SUBSCRIBED test: a refused create sends the receiver nothing. (A create
         # racing this one is still refused by the index, after its test.)
         raise _taken()
-    await _verify(request, environment, fields, secret)
-    row = await _store(request, INSERT, environment, fields, secret)
+    # Standard Webhooks v1a: a key pair made here; only its public key is ever shown.
+    signing_key = (
+        new_signing_key() if _asymmetric(request, fields["profile"], fields["settings"]) else None
+    )
+    await _verify(request, environment, fields, signing_key or secret)
+    row = await _store(request, INSERT, environment, fields, secret, signing_key)
     return json_response(public(row, secret=secret), 201)
 
 
@@ -395,8 +423,21 @@ async def update(request: web.Request) -> web.Response:
     decoded(data, SubscriptionUpdate)
     merged.update(data)
     fields = _validated(request, merged)
+    # Switching to standard_v1a makes a key pair unless it has one; switching away keeps it
+    # (and the HMAC secret is kept all along), so switching back needs no new trust.
+    signing_key = (
+        new_signing_key()
+        if current["signing_key"] is None
+        and _asymmetric(request, fields["profile"], fields["settings"])
+        else None
+    )
     row = await _store(
-        request, UPDATE, current["id"], fields, fields["secret"] or current["secret"]
+        request,
+        UPDATE,
+        current["id"],
+        fields,
+        fields["secret"] or current["secret"],
+        signing_key,
     )
     return json_response(public(row))
 
@@ -461,15 +502,36 @@ RETURNING *
 """
 
 
+ROTATE_KEY = """
+UPDATE dispatcher.subscriptions
+SET previous_signing_key = signing_key, signing_key = $3,
+    previous_signing_key_expires_at = now() + make_interval(secs => $4), updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+RETURNING *
+"""
+
+
 async def rotate_secret(request: web.Request) -> web.Response:
-    """A new signing secret; the old one keeps signing alongside for `grace_seconds`. An
-    empty body means the defaults."""
+    """A new signing secret, or for standard_v1a a new key pair; the old one keeps signing
+    alongside for `grace_seconds`. An empty body means the defaults."""
     asked = decoded(await body(request, empty_ok=True), RotateSecret)
+    grace = float(asked.grace_seconds)
+    current = await _one(request)
+    if _asymmetric(request, current["profile"], orjson.loads(current["settings"])):
+        if asked.secret is not UNSET:
+            raise invalid("secret", "a standard_v1a key pair is generated; give no secret")
+        row = await state(request).pool.fetchrow(
+            ROTATE_KEY, current["id"], scope(request), new_signing_key(), grace
+        )
+        if row is None:
+            raise not_found("subscription")
+        out = public(row)
+        if row["previous_signing_key"] is not None:
+            out["previous_public_key"] = public_key(row["previous_signing_key"])
+        out["previous_secret_expires_at"] = row["previous_signing_key_expires_at"]
+        return json_response(out)
     new = new_secret() if asked.secret is UNSET else asked.secret
-    grace = asked.grace_seconds
-    row = await state(request).pool.fetchrow(
-        ROTATE, path_uuid(request), scope(request), new, float(grace)
-    )
+    row = await state(request).pool.fetchrow(ROTATE, current["id"], scope(request), new, grace)
     if row is None:
         raise not_found("subscription")
     out = public(row, secret=new)

@@ -195,6 +195,7 @@ async def serve(
             retention_days=settings.retention.days,
             outage=outage,
             clock=clock,
+            streaks=worker.recorder.streaks,
         )
         mailer = Mailer(pool, settings.email, clock, outage=outage)
         listener = Listener(

@@ -99,9 +99,11 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
     """The outcome's decision and failure mail, quoting the body `sent` (None when nothing
     was sent); `spread` places a retry in its jitter band (policy.decide)."""
     endpoint = job.endpoint
+    threshold: int | None = None
     if isinstance(endpoint, SettingsError):
         decision, email, error_rate = Decision(Verdict.FAILED), None, None
     else:
+        threshold = endpoint.failing_threshold
         created = job.message.created_at.timestamp()
         decision = decide(endpoint.policy, job.attempt, outcome, created, spread)
         email = failure_email(endpoint.email_on, decision.verdict)
@@ -118,6 +120,8 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         decision,
         email=email,
         body=sent.decode(errors="replace") if email and sent is not None else None,
+        event_name=job.message.event_name,
+        failing_threshold=threshold,
     )
     return Judgement(result, error_rate)
 

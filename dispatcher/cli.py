@@ -108,6 +108,9 @@ async def _publish(settings: config.Settings, args: argparse.Namespace) -> None:
                 f"rejected: {exc.constraint_name}: event names look like "
                 "entity.action.v0 and the environment may not be empty"
             ) from None
+        except asyncpg.InvalidParameterValueError as exc:
+            # The reserved entity `dispatcher` (sql/0008) says why in its message.
+            raise StartupError(f"rejected: {exc}") from None
         finally:
             await conn.close()
         print(orjson.dumps({"event_id": str(event_id), "deliveries": deliveries}).decode())

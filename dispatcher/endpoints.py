@@ -20,7 +20,7 @@ from .egress import DIRECT_EGRESS, Egress, EgressError
 from .metrics import Metrics
 from .netguard import URLRejectedError, check_url
 from .profiles import DEFAULT_USER_AGENT, EndpointSettings, SettingsError, resolve
-from .signing import auth_headers
+from .signing import ASYMMETRIC, auth_headers, new_signing_key
 
 log = structlog.get_logger(__name__)
 
@@ -92,11 +92,17 @@ def build(
     cap = delivery.max_per_endpoint
     if isinstance(settings, EndpointSettings) and settings.max_in_flight is not None:
         cap = settings.max_in_flight
+    # An Ed25519 signer signs with the key pair, rotated like the secret (sql/0008).
+    keys = ("signing_key", "previous_signing_key", "previous_key_until")
+    if not (isinstance(settings, EndpointSettings) and settings.signature in ASYMMETRIC):
+        keys = ("secret", "previous_secret", "previous_until")
+    elif row["signing_key"] is None:
+        settings = SettingsError("signature", "standard_v1a: the subscription has no signing key")
     return Endpoint(
         url=row["url"],
-        secret=row["secret"],
-        previous_secret=row["previous_secret"],
-        previous_until=row["previous_until"],
+        secret=row[keys[0]] or "",
+        previous_secret=row[keys[1]],
+        previous_until=row[keys[2]],
         settings=settings,
         headers=headers,
         blocked=blocked,
@@ -164,6 +170,7 @@ class Endpoints:
             self._outage.failed("subscriptions", exc)
             return found
         self._outage.succeeded()
+        subscriptions = await self._give_keys(subscriptions)
         if len(self._cache) > _MAX_CACHED:
             self._cache.clear()
         for sub in subscriptions:
@@ -171,3 +178,30 @@ class Endpoints:
             self._cache[sub["id"], sub["updated_at"]] = endpoint
             found[sub["id"]] = endpoint
         return found
+
+    async def _give_keys(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+        """The rows, those signing with Ed25519 but made without a key pair (in SQL) given
+        one first. Rare; when it fails, build() makes their deliveries fail as settings
+        errors rather than go out unsigned."""
+        keyless = [
+            r["id"]
+            for r in rows
+            if r["signing_key"] is None
+            and isinstance(
+                s := _resolve(r["profile"], r["settings"], self._delivery), EndpointSettings
+            )
+            and s.signature in ASYMMETRIC
+        ]
+        if not keyless:
+            return rows
+        try:
+            given = await self._pool.fetch(
+                queries.GIVE_SIGNING_KEYS, keyless, [new_signing_key() for _ in keyless]
+            )
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("subscriptions").inc()
+            self._outage.failed("subscriptions", exc)
+            return rows
+        log.info("subscription.signing_key_made", subscriptions=[str(r["id"]) for r in given])
+        fresh = {r["id"]: r for r in given}
+        return [fresh.get(r["id"], r) for r in rows]

@@ -75,6 +75,17 @@ _LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 EMAIL_RE = _line(rf"(?![^@]{{65}}){_ATEXT}+(\.{_ATEXT}+)*@(?![^@]{{254}}){_LABEL}(\.{_LABEL})+")
 
 EventName = Annotated[str, Meta(pattern=EVENT_NAME_RE, max_length=200)]
+# What a publisher may name: the entity `dispatcher` is the dispatcher's own (operational
+# events). The handlers say so in words before decoding; the schema says it as a pattern.
+RESERVED_ENTITY = "dispatcher"
+PublishedEventName = Annotated[
+    str,
+    Meta(
+        pattern=_line(r"(?!dispatcher\.)[a-z0-9_-]+\.[a-z0-9_-]+\.v[0-9]+"),
+        max_length=200,
+        description="{entity}.{action}.v{version}; the entity `dispatcher` is reserved.",
+    ),
+]
 EventPattern = Annotated[str, Meta(pattern=EVENT_PATTERN_RE, max_length=200)]
 LowerName = Annotated[str, Meta(pattern=_line("[a-z0-9_-]{1,100}"))]
 HeaderName = Annotated[str, Meta(pattern=HEADER_NAME_RE)]
@@ -245,6 +256,21 @@ class Settings(Closed):
     ) = UNSET
     deactivate_on_error_rate: ErrorRate | UnsetType | None = UNSET
     verify_on_create: bool | UnsetType = UNSET
+    # Consecutive failed attempts after which dispatcher.delivery_failing.v1 is published
+    # (once per streak); null publishes none.
+    failing_threshold: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=1_000_000,
+                description="Consecutive failed attempts that publish "
+                "dispatcher.delivery_failing.v1 (default 5; null: never).",
+            ),
+        ]
+        | UnsetType
+        | None
+    ) = UNSET
 
 
 SETTING_KEYS = frozenset(Settings.__struct_fields__)
@@ -344,7 +370,7 @@ class RotateSecret(Closed):
 
 class EventCreate(Closed, kw_only=True):
     environment_id: Environment | UnsetType = UNSET
-    event_name: EventName
+    event_name: PublishedEventName
     payload: Annotated[Any, Meta(description="Any JSON value: the event's data.")]  # see _integral
     entity_instance_id: Text200 | UnsetType = UNSET
     idempotency_key: Text200 | UnsetType = UNSET
@@ -352,7 +378,7 @@ class EventCreate(Closed, kw_only=True):
 
 class ImportCreate(Closed, kw_only=True):
     environment_id: Environment | UnsetType = UNSET
-    event_name: EventName
+    event_name: PublishedEventName
     entities: Annotated[list[Any], Meta(min_length=1, max_length=100_000)]
 
 
@@ -424,10 +450,25 @@ class Subscription(Struct, kw_only=True):
     created_at: datetime
     updated_at: datetime
     secret: Annotated[str, Meta(description="Only in the answer to a create.")] | UnsetType = UNSET
+    public_key: (
+        Annotated[
+            str,
+            Meta(
+                pattern=_line("whpk_[A-Za-z0-9+/]{43}="),
+                description="Standard Webhooks v1a (signature standard_v1a): the Ed25519 "
+                "public key that verifies the signatures; the private key is never shown.",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class RotatedSubscription(Subscription, kw_only=True):
-    secret: str
+    """After a rotation: the new secret, or for standard_v1a the new public key (and the
+    previous one, which signs too until previous_secret_expires_at)."""
+
+    secret: str | UnsetType = UNSET
+    previous_public_key: str | UnsetType = UNSET
     previous_secret_expires_at: datetime
 
 
@@ -521,6 +562,72 @@ class ResendJob(Struct, kw_only=True):
     finished_at: datetime | UnsetType | None = UNSET
 
 
+# Operational events: the payloads of the events the dispatcher publishes itself (entity
+# `dispatcher`, see operational.py), documented here like the API's shapes.
+
+
+class OperationalEndpointDisabled(Struct, kw_only=True):
+    """dispatcher.endpoint_disabled.v1: a subscription stopped receiving (deactivated, or
+    deleted because the receiver's answer asked for it)."""
+
+    subscription_id: UUID
+    url: str
+    reason: Annotated[
+        str,
+        Meta(
+            description="e.g. 'receiver answered 410', 'error rate 97% over 50 attempts in "
+            "86400 s', 'deactivated by API', 'deleted: the receiver asked to unsubscribe'"
+        ),
+    ]
+
+
+class OperationalEndpointEnabled(Struct, kw_only=True):
+    """dispatcher.endpoint_enabled.v1: a deactivated subscription was reactivated."""
+
+    subscription_id: UUID
+    url: str
+
+
+class OperationalDeliveryExhausted(Struct, kw_only=True):
+    """dispatcher.delivery_exhausted.v1: a delivery gave up (out of attempts, not retryable,
+    or older than its retry policy's max_age)."""
+
+    delivery_id: int
+    subscription_id: UUID
+    url: str
+    event_name: str
+    outcome: Literal["failed", "expired"]
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+
+
+class OperationalDeliveryFailing(Struct, kw_only=True):
+    """dispatcher.delivery_failing.v1: a subscription's consecutive failed attempts reached
+    its failing_threshold (once per streak)."""
+
+    subscription_id: UUID
+    url: str
+    consecutive_failures: int
+    threshold: int
+
+
+class OperationalDeliveryRecovered(Struct, kw_only=True):
+    """dispatcher.delivery_recovered.v1: an attempt succeeded after delivery_failing."""
+
+    subscription_id: UUID
+    url: str
+
+
+OPERATIONAL_EVENTS: dict[str, type[Struct]] = {
+    "dispatcher.endpoint_disabled.v1": OperationalEndpointDisabled,
+    "dispatcher.endpoint_enabled.v1": OperationalEndpointEnabled,
+    "dispatcher.delivery_exhausted.v1": OperationalDeliveryExhausted,
+    "dispatcher.delivery_failing.v1": OperationalDeliveryFailing,
+    "dispatcher.delivery_recovered.v1": OperationalDeliveryRecovered,
+}
+
+
 COMPONENTS: tuple[type[Struct], ...] = (
     Error,
     Subscription,
@@ -539,6 +646,7 @@ COMPONENTS: tuple[type[Struct], ...] = (
     DeliveryPage,
     ResendRequest,
     ResendJob,
+    *OPERATIONAL_EVENTS.values(),
 )
 
 

@@ -50,6 +50,8 @@ class EndpointSettings:
     # ("ca", "client_cert", "client_key"); None: the daemon's [egress].
     proxy: str | None = None
     tls: Mapping[str, str] | None = None
+    # Consecutive failed attempts that publish dispatcher.delivery_failing.v1; None: never.
+    failing_threshold: int | None = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,7 @@ def resolve(
         verify_on_create=pick("verify_on_create", False),
         proxy=pick("proxy", None),
         tls=_tls(pick("tls", None)),
+        failing_threshold=pick("failing_threshold", 5),
     )
 
 

@@ -45,9 +45,24 @@ RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
 # a version it has not seen (sql/0006 moves updated_at on every change).
 SUBSCRIPTIONS = """
 SELECT id, updated_at, url, secret, profile, settings::text AS settings, auth::text AS auth,
-       previous_secret, extract(epoch FROM previous_secret_expires_at)::float8 AS previous_until
+       previous_secret, extract(epoch FROM previous_secret_expires_at)::float8 AS previous_until,
+       signing_key, previous_signing_key,
+       extract(epoch FROM previous_signing_key_expires_at)::float8 AS previous_key_until
 FROM dispatcher.subscriptions
 WHERE id = ANY($1::uuid[])
+"""
+
+# A standard_v1a subscription made in SQL comes without a key pair: the daemon gives it one
+# when it first sends to it ($2: new whsk_ keys). Answers what SUBSCRIPTIONS does.
+GIVE_SIGNING_KEYS = """
+UPDATE dispatcher.subscriptions s SET signing_key = k.key
+FROM unnest($1::uuid[], $2::text[]) AS k(id, key)
+WHERE s.id = k.id AND s.signing_key IS NULL
+RETURNING s.id, s.updated_at, s.url, s.secret, s.profile, s.settings::text AS settings,
+          s.auth::text AS auth, s.previous_secret,
+          extract(epoch FROM s.previous_secret_expires_at)::float8 AS previous_until,
+          s.signing_key, s.previous_signing_key,
+          extract(epoch FROM s.previous_signing_key_expires_at)::float8 AS previous_key_until
 """
 
 # Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once), each
@@ -196,3 +211,90 @@ WHERE active AND settings->'tls' ? 'client_cert'
 
 PARTITIONS = "SELECT dispatcher.ensure_partitions(current_date, 3)"
 DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"
+
+# Operational events (sql/0008; payloads in models.OPERATIONAL_EVENTS). Published with
+# dispatcher.publish_internal(), the one way past the reserved entity, in the recorder's
+# transaction. A subscription deleted meanwhile publishes nothing.
+
+# delivery_exhausted for the deliveries of a batch that gave up.
+PUBLISH_EXHAUSTED = """
+SELECT dispatcher.publish_internal(
+    array_agg(s.environment_id),
+    array_agg('dispatcher.delivery_exhausted.v1'::text),
+    array_agg(jsonb_build_object(
+        'delivery_id', x.delivery_id, 'subscription_id', x.subscription_id, 'url', s.url,
+        'event_name', x.event_name, 'outcome', x.outcome, 'attempts', x.attempts,
+        'last_status', x.last_status, 'last_error', x.last_error)))
+FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[],
+            $7::text[])
+     AS x(delivery_id, subscription_id, event_name, outcome, attempts, last_status,
+          last_error)
+JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
+"""
+
+# endpoint_disabled for subscriptions about to be deleted by the receiver's answer (the
+# store's unsubscribe phrase); run before DELETE_SUBSCRIPTIONS.
+PUBLISH_DELETED = """
+SELECT dispatcher.publish_internal(
+    array_agg(s.environment_id),
+    array_agg('dispatcher.endpoint_disabled.v1'::text),
+    array_agg(jsonb_build_object('subscription_id', s.id, 'url', s.url,
+                                 'reason', 'deleted: the receiver asked to unsubscribe')))
+FROM dispatcher.subscriptions s WHERE s.id = ANY($1::uuid[]) AND s.active
+"""
+
+# Failure streaks of a batch, per subscription: $2 failed attempts after its last success in
+# the batch, $3 whether it had a success (which ends a streak), $4 its failing_threshold
+# (null: never). Existing rows are locked first (in id order: two instances never deadlock)
+# and so read at their latest; a row another instance inserts meanwhile is added to. Returns
+# how many events it published: delivery_failing when a streak reaches its threshold (once,
+# `notified`), delivery_recovered when a notified streak ends.
+NOTE_STREAKS = """
+WITH b AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::int[])
+        AS b(subscription_id, failures, succeeded, threshold)
+), locked AS (
+    SELECT f.subscription_id, f.failures, f.notified FROM dispatcher.failure_streaks f
+    WHERE f.subscription_id = ANY($1::uuid[])
+    ORDER BY f.subscription_id
+    FOR UPDATE
+), n AS (
+    SELECT b.subscription_id, l.subscription_id IS NOT NULL AS known, b.threshold,
+           CASE WHEN b.succeeded THEN 0 ELSE coalesce(l.failures, 0) END + b.failures
+               AS failures,
+           coalesce(l.notified, false) AND NOT b.succeeded AS was_notified,
+           coalesce(l.notified, false) AND b.succeeded AS recovered
+    FROM b LEFT JOIN locked l USING (subscription_id)
+), m AS (
+    SELECT *, coalesce(NOT was_notified AND failures >= threshold, false) AS crossed
+    FROM n
+), updated AS (
+    UPDATE dispatcher.failure_streaks f
+    SET failures = m.failures, notified = m.was_notified OR m.crossed
+    FROM m WHERE m.known AND f.subscription_id = m.subscription_id
+), inserted AS (
+    INSERT INTO dispatcher.failure_streaks AS f (subscription_id, failures, notified)
+    SELECT m.subscription_id, m.failures, m.crossed FROM m
+    WHERE NOT m.known AND m.failures > 0
+      AND EXISTS (SELECT 1 FROM dispatcher.subscriptions s WHERE s.id = m.subscription_id)
+    ON CONFLICT (subscription_id) DO UPDATE
+    SET failures = f.failures + excluded.failures, notified = f.notified OR excluded.notified
+)
+SELECT coalesce(dispatcher.publish_internal(
+    array_agg(s.environment_id),
+    array_agg(CASE WHEN m.crossed THEN 'dispatcher.delivery_failing.v1'
+                   ELSE 'dispatcher.delivery_recovered.v1' END),
+    array_agg(CASE WHEN m.crossed
+        THEN jsonb_build_object('subscription_id', s.id, 'url', s.url,
+                                'consecutive_failures', m.failures, 'threshold', m.threshold)
+        ELSE jsonb_build_object('subscription_id', s.id, 'url', s.url) END)), 0)
+FROM m JOIN dispatcher.subscriptions s ON s.id = m.subscription_id
+WHERE m.crossed OR m.recovered
+"""
+
+# Upkeep: ended streaks swept, the live ones' subscriptions listed (at most $1) so that
+# every instance's recorder knows whose successes end a streak.
+STREAKS = """
+WITH swept AS (DELETE FROM dispatcher.failure_streaks WHERE failures = 0)
+SELECT subscription_id FROM dispatcher.failure_streaks WHERE failures > 0 LIMIT $1
+"""

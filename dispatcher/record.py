@@ -13,7 +13,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from . import queries
+from . import operational, queries
 from .dberrors import Backoff, Outage
 from .failure_log import FailureLog
 from .metrics import Metrics
@@ -45,6 +45,10 @@ class Result:
     # A failure mail to queue (a kind of dispatcher.emails) and the request body it quotes.
     email: str | None = None
     body: str | None = None
+    # The delivery's event (operational events publish no further ones about themselves)
+    # and the subscription's failing_threshold (None: no delivery_failing events).
+    event_name: str = ""
+    failing_threshold: int | None = None
 
 
 class Recorder:
@@ -76,6 +80,7 @@ class Recorder:
         self._max_batch = max_batch
         self._on_flushed = on_flushed
         self._failures = failures or FailureLog()
+        self.streaks = operational.Streaks()
         self._pending: list[Result] = []
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
@@ -165,12 +170,14 @@ class Recorder:
         emails = [r for r in batch if r.email is not None]
         honoured = [r for r in batch if r.decision.retry_after is not None]
         paused = [r for r in batch if r.decision.pause_until is not None]
-        if not actions and not emails and not honoured and not paused:
+        exhausted = operational.gave_up(batch)
+        streaks = self.streaks.changes(batch)
+        if not (actions or emails or honoured or paused or exhausted or streaks):
             # The common case: one statement, no transaction round trips.
             await self._record(self._pool, batch)
             return
-        # Rare: what an answer does to its subscription, failure mails and Retry-After, commit
-        # with the outcomes or not at all.
+        # Rare: what an answer does to its subscription, failure mails, Retry-After and the
+        # operational events of failures, commit with the outcomes or not at all.
         async with self._pool.acquire() as conn, conn.transaction():
             await self._record(conn, batch)
             if honoured:
@@ -197,6 +204,25 @@ class Recorder:
                     [_error_text(r.outcome) for r in emails],
                     [r.body for r in emails],
                 )
+            if exhausted:
+                await conn.execute(
+                    queries.PUBLISH_EXHAUSTED,
+                    [r.delivery_id for r in exhausted],
+                    [r.subscription_id for r in exhausted],
+                    [r.event_name for r in exhausted],
+                    [r.decision.verdict.value for r in exhausted],
+                    [r.attempt for r in exhausted],
+                    [r.outcome.status for r in exhausted],
+                    [_error_text(r.outcome) for r in exhausted],
+                )
+            if streaks:
+                await conn.execute(
+                    queries.NOTE_STREAKS,
+                    streaks.subscription_ids,
+                    streaks.failures,
+                    streaks.succeeded,
+                    streaks.thresholds,
+                )
             deactivate = [r for r in actions if r.decision.action is Action.DEACTIVATE]
             if deactivate:
                 await conn.execute(
@@ -206,7 +232,11 @@ class Recorder:
                 )
             delete = [r.subscription_id for r in actions if r.decision.action is Action.DELETE]
             if delete:
+                # A delete leaves no row for the active trigger: endpoint_disabled from here.
+                await conn.execute(queries.PUBLISH_DELETED, delete)
                 await conn.execute(queries.DELETE_SUBSCRIPTIONS, delete)
+        if streaks:
+            self.streaks.settle(streaks)
         for r in actions:
             reason = "unsubscribe" if r.decision.action is Action.DELETE else "status"
             self._metrics.deactivations.labels(reason).inc()

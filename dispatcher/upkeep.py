@@ -16,6 +16,7 @@ from . import queries
 from .dberrors import DB_ERRORS, Outage
 from .egress import describe_client_cert
 from .metrics import Metrics
+from .operational import MAX_KNOWN, Streaks
 from .profiles import ErrorRateLimit
 from .schedule import Clock
 
@@ -53,8 +54,10 @@ class Upkeep:
         retention_days: int,
         outage: Outage | None = None,
         clock: Clock | None = None,
+        streaks: Streaks | None = None,
     ) -> None:
         self._pool = pool
+        self._streaks = streaks
         self._clock = clock or Clock()
         self._outage = outage or Outage()
         self._dispatch = dispatch
@@ -77,7 +80,7 @@ class Upkeep:
 
     async def poll(self) -> None:
         """The safety net: work other instances scheduled, endpoints paused by a Retry-After
-        another instance heard, gauges, failing subscriptions."""
+        another instance heard, gauges, failure streaks, failing subscriptions."""
         await self._dispatch.rearm()
         self._dispatch.notify()
         try:
@@ -88,6 +91,11 @@ class Upkeep:
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
             self._metrics.subscriptions.labels("active").set(stats["active_subscriptions"])
             self._metrics.subscriptions.labels("inactive").set(stats["inactive_subscriptions"])
+            if self._streaks is not None:
+                # Other instances' streaks too: a success recorded here must end them.
+                before = self._streaks.snapshot()
+                live = await self._pool.fetch(queries.STREAKS, MAX_KNOWN)
+                self._streaks.refresh(before, [r["subscription_id"] for r in live])
         except DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             self._outage.failed("poll", exc)

@@ -170,6 +170,26 @@ def verify_standard(secret: str, headers: Mapping[str, str], body: bytes) -> boo
     return any(hmac.compare_digest(expected, o) for o in offered)
 
 
+def verify_standard_v1a(public_key: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Standard Webhooks v1a as a receiver checks it: any v1a signature that the whpk_
+    public key verifies over "{id}.{timestamp}.{body}" (Ed25519, from `cryptography`)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key.removeprefix("whpk_")))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    for offered in headers["webhook-signature"].split():
+        version, _, signature = offered.partition(",")
+        if version != "v1a":
+            continue
+        try:
+            key.verify(base64.b64decode(signature), signed)
+        except InvalidSignature:
+            continue
+        return True
+    return False
+
+
 # -- daemons ----------------------------------------------------------------------------
 
 
