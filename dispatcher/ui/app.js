@@ -10,6 +10,9 @@ const WATCH_FOR_MS = 120_000;
 const POLL_MS = 5_000;
 // Trend periods: the series' window and bucket, in seconds (GET .../stats?window=&bucket=).
 const PERIODS = { 86400: 3600, 604800: 21600 };
+// How often a poll re-reads a trend: its buckets are an hour or six, and a week's series reads
+// about a million attempts for a busy subscription (~1 s of database time; README).
+const TREND_EVERY_MS = { 86400: 30_000, 604800: 300_000 };
 const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
@@ -30,6 +33,7 @@ const state = {
   view: "none", // "subscription" | "delivery" | "search" | "none"
   trendWindow: 86400,
   trends: null, // the selected subscription's stats with a series | Error
+  trendsAt: 0, // when they were last read (ms)
   delivery: null, // the delivery view's detail | Error
   deliveryId: null,
   found: [], // search results
@@ -343,7 +347,7 @@ async function poll() {
   try {
     const work = [loadQueue(), ...state.subs.map((s) => loadStats(s.id, true))];
     if (state.view === "subscription" && state.selected) {
-      work.push(loadTrends(state.selected.id));
+      if (Date.now() - state.trendsAt >= TREND_EVERY_MS[state.trendWindow]) work.push(loadTrends(state.selected.id));
       // A resend in progress follows its own deliveries; the list waits for it.
       if (state.job === null && state.watching.size === 0) work.push(refreshDeliveries());
     } else if (state.view === "delivery" && state.deliveryId !== null) {
@@ -1029,6 +1033,7 @@ function renderJob(label) {
 async function loadTrends(id) {
   const span = state.trendWindow;
   const generation = state.generation;
+  state.trendsAt = Date.now();
   let trends;
   try {
     trends = await api(
