@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,6 +15,7 @@ import structlog
 from aiohttp import web
 from msgspec import UnsetType
 
+from . import queries
 from .api import (
     MAX_PAGE,
     ApiError,
@@ -29,7 +31,10 @@ from .api import (
     scope,
     state,
 )
+from .endpoints import build
 from .models import FINISHED, STATUSES, DeliveryCursor, ResendRequest
+from .profiles import SettingsError
+from .signing import SIGNERS
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +61,9 @@ WITH d AS (
     WHERE ($1::text IS NULL OR environment_id = $1)
       AND ($2::uuid IS NULL OR subscription_id = $2)
 )
-SELECT d.*, e.event_name, e.entity_instance_id
+SELECT d.*, e.event_name, e.entity_instance_id, t.delivery_id IS NOT NULL AS test
 FROM d JOIN dispatcher.events e ON e.id = d.event_id AND e.created_at = d.event_created_at
+LEFT JOIN dispatcher.test_deliveries t ON t.delivery_id = d.id
 WHERE ($3::text IS NULL OR d.status = $3)
   AND ($4::timestamptz IS NULL OR d.created_at >= $4)
   AND ($5::timestamptz IS NULL OR d.created_at < $5)
@@ -65,6 +71,8 @@ WHERE ($3::text IS NULL OR d.status = $3)
   AND ($7::uuid IS NULL OR d.event_id = $7)
   AND ($8::bigint IS NULL OR d.id < $8)
   AND ($9::bigint IS NULL OR d.id = $9)
+  AND ($11::text IS NULL OR e.entity_instance_id = $11)
+  AND ($12::int IS NULL OR d.last_status = $12)
 ORDER BY d.id DESC
 LIMIT $10
 """
@@ -114,7 +122,8 @@ SELECT * FROM dispatcher.resend_jobs WHERE id = $1 AND ($2::text IS NULL OR envi
 """
 
 
-def _delivery(row: asyncpg.Record) -> dict[str, Any]:
+def public(row: asyncpg.Record) -> dict[str, Any]:
+    """A delivery as the API shows it (models.Delivery)."""
     return {
         "id": row["id"],
         "subscription_id": row["subscription_id"],
@@ -129,6 +138,7 @@ def _delivery(row: asyncpg.Record) -> dict[str, Any]:
         "finished_at": row["finished_at"],
         "last_status_code": row["last_status"],
         "last_error": row["last_error"],
+        "test": row["test"],
     }
 
 
@@ -176,6 +186,14 @@ async def list_(request: web.Request) -> web.Response:
     before = None if cursor is None else int(cursor)
     subscription = query_uuid(request, "subscription_id")
     await _check_subscription(request, subscription, scope(request))
+    entity = request.query.get("entity_instance_id")
+    if entity is not None and not 1 <= len(entity) <= 200:
+        raise ApiError(
+            400, "bad_query", "entity_instance_id must be 1 to 200 characters", "entity_instance_id"
+        )
+    status_code = (
+        query_int(request, "status_code", 0, 100, 599) if "status_code" in request.query else None
+    )
     rows = await state(request).pool.fetch(
         DELIVERIES,
         scope(request),
@@ -188,24 +206,45 @@ async def list_(request: web.Request) -> web.Response:
         before,
         None,
         limit + 1,
+        entity,
+        status_code,
     )
     page = rows[:limit]
     return json_response(
         {
-            "items": [_delivery(r) for r in page],
+            "items": [public(r) for r in page],
             "next_cursor": str(page[-1]["id"]) if len(rows) > limit else None,
         }
     )
 
 
-async def _one(request: web.Request) -> asyncpg.Record:
-    delivery_id = path_int(request, "delivery")
-    rows = await state(request).pool.fetch(
-        DELIVERIES, scope(request), None, None, None, None, None, None, None, delivery_id, 1
+async def by_id(
+    conn: asyncpg.Pool | asyncpg.Connection, environment: str | None, delivery_id: int
+) -> asyncpg.Record | None:
+    """One delivery, live or finished, as the list shows it; None when the caller cannot
+    see it."""
+    return await conn.fetchrow(
+        DELIVERIES,
+        environment,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        delivery_id,
+        1,
+        None,
+        None,
     )
-    if not rows:
+
+
+async def _one(request: web.Request) -> asyncpg.Record:
+    row = await by_id(state(request).pool, scope(request), path_int(request, "delivery"))
+    if row is None:
         raise not_found("delivery")
-    return rows[0]
+    return row
 
 
 async def read(request: web.Request) -> web.Response:
@@ -213,7 +252,7 @@ async def read(request: web.Request) -> web.Response:
     pool = state(request).pool
     payload = await pool.fetchval(PAYLOAD, row["event_id"], row["event_created_at"])
     attempts = await pool.fetch(ATTEMPTS, row["id"])
-    out = _delivery(row)
+    out = public(row)
     out["payload"] = orjson.Fragment(payload)
     out["attempt_history"] = [
         {
@@ -228,7 +267,57 @@ async def read(request: web.Request) -> web.Response:
         }
         for a in attempts
     ]
+    out["request_headers"] = await _request_headers(request, row)
     return json_response(out)
+
+
+# Headers that carry no secret although a signer sets them: the message id is the
+# delivery's, the timestamp each attempt's own send time.
+_PLAIN_SIGNATURE_HEADERS = {"webhook-id"}
+_PER_ATTEMPT = {"webhook-timestamp": "<each attempt's send time, unix seconds>"}
+_SECRET_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}=*")
+MASK = "••••••••"
+
+
+async def _request_headers(request: web.Request, row: asyncpg.Record) -> list[dict[str, Any]]:
+    """The headers the delivery's attempts send, rebuilt from the subscription's settings.
+
+    Rebuilt at read time rather than stored per attempt: they follow from the subscription
+    (endpoints.build: content type, user agent, receiver auth; signing: the signature
+    scheme), so storing them would add bytes to every attempt on the hot path to say what
+    the settings already say. The catch, named in the schema: a settings change since the
+    attempt shows the new headers. Secrets are masked: credentials whole, signatures' digests.
+    """
+    admin = state(request)
+    subs = await admin.pool.fetch(queries.SUBSCRIPTIONS, [row["subscription_id"]])
+    if not subs:
+        return []
+    endpoint = build(subs[0], admin.settings.delivery, admin.settings.security)
+    shown = [
+        {"name": name, "value": value, "masked": False}
+        for name, value in endpoint.headers.items()
+        if name in ("Content-Type", "User-Agent")
+    ]
+    for name, value in endpoint.headers.items():
+        if name not in ("Content-Type", "User-Agent"):
+            scheme, _, rest = value.partition(" ")
+            kept = f"{scheme} {MASK}" if rest and scheme in ("Basic", "Bearer") else MASK
+            shown.append({"name": name, "value": kept, "masked": True})
+    settings = endpoint.settings
+    if isinstance(settings, SettingsError):
+        return shown
+    signed = SIGNERS[settings.signature](
+        ["0" * 32], f"msg_{row['id']}", b"", 0, settings.signature_header
+    )
+    for name, value in signed.items():
+        if name in _PLAIN_SIGNATURE_HEADERS:
+            shown.append({"name": name, "value": value, "masked": False})
+        elif name in _PER_ATTEMPT:
+            shown.append({"name": name, "value": _PER_ATTEMPT[name], "masked": False})
+        else:
+            masked = _SECRET_RUN.sub(MASK, re.sub(r"\bt=\d+", "t=<send time, unix ms>", value))
+            shown.append({"name": name, "value": masked, "masked": True})
+    return shown
 
 
 async def resend_one(request: web.Request) -> web.Response:
@@ -239,7 +328,7 @@ async def resend_one(request: web.Request) -> web.Response:
     if not moved and row["status"] in FINISHED:
         raise ApiError(409, "gone", "the delivery's subscription no longer exists")
     fresh = await _one(request)
-    return json_response(_delivery(fresh), 202)
+    return json_response(public(fresh), 202)
 
 
 def _job(row: asyncpg.Record) -> dict[str, Any]:
@@ -380,6 +469,49 @@ class ResendJobs:
 
 RESEND_JOBS = web.AppKey("resend_jobs", ResendJobs)
 
+# The live queue of one environment ($1; NULL: all) now, by what each row waits for. A
+# lease in force (owner set, due time ahead) is a send in progress; an expired one is due
+# again. The queue table holds live rows only, so this reads it whole.
+QUEUE = """
+WITH held AS (
+    SELECT subscription_id FROM dispatcher.endpoint_pauses WHERE until > now()
+), q AS (
+    SELECT d.paused, d.lease_owner IS NOT NULL AND d.due_at > now() AS sending,
+           d.due_at, h.subscription_id IS NOT NULL AS held
+    FROM dispatcher.deliveries d LEFT JOIN held h ON h.subscription_id = d.subscription_id
+    WHERE $1::text IS NULL OR d.environment_id = $1
+)
+SELECT now() AS measured_at,
+       count(*) AS depth,
+       count(*) FILTER (WHERE NOT paused AND NOT held AND due_at <= now()) AS waiting,
+       coalesce(extract(epoch FROM now() - min(due_at) FILTER (
+           WHERE NOT paused AND NOT held AND due_at <= now())), 0)::float8 AS oldest_due_age,
+       count(*) FILTER (WHERE sending) AS sending,
+       count(*) FILTER (WHERE NOT paused AND NOT held AND NOT sending AND due_at > now())
+           AS scheduled,
+       count(*) FILTER (WHERE paused) AS paused,
+       count(*) FILTER (WHERE held AND NOT paused AND NOT sending) AS endpoint_paused
+FROM q
+"""
+
+
+async def queue(request: web.Request) -> web.Response:
+    """What the environment's queue holds right now (the operator page's "queue now")."""
+    row = await state(request).pool.fetchrow(QUEUE, scope(request))
+    return json_response(
+        {
+            "environment_id": scope(request),
+            "measured_at": row["measured_at"],
+            "depth": row["depth"],
+            "waiting_for_slot": row["waiting"],
+            "oldest_due_age_seconds": row["oldest_due_age"],
+            "sending": row["sending"],
+            "scheduled": row["scheduled"],
+            "paused": row["paused"],
+            "endpoint_paused": row["endpoint_paused"],
+        }
+    )
+
 
 def routes() -> list[web.RouteDef]:
     return [
@@ -388,4 +520,5 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/deliveries/{id:[0-9]+}", read),
         web.post("/v1/deliveries/{id:[0-9]+}/resend", resend_one),
         web.get("/v1/resend-jobs/{id}", read_job),
+        web.get("/v1/queue", queue),
     ]

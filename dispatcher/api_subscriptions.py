@@ -10,9 +10,11 @@ from uuid import UUID
 import asyncpg
 import msgspec
 import orjson
+import structlog
 from aiohttp import web
 from msgspec import UNSET
 
+from . import api_deliveries
 from .api import (
     MAX_PAGE,
     ApiError,
@@ -31,10 +33,14 @@ from .api import (
 )
 from .egress import DIRECT_EGRESS, EgressError, describe_client_cert
 from .envelope import iso_millis
+from .examples import event_name_for, example
 from .models import (
+    MAX_STATS_BUCKETS,
     SETTING_KEYS,
+    STATS_BUCKETS,
     AuthNone,
     RotateSecret,
+    SendTest,
     SubscriptionCreate,
     SubscriptionCursor,
     SubscriptionUpdate,
@@ -42,6 +48,8 @@ from .models import (
 from .netguard import URLRejectedError, check_url
 from .profiles import PROFILES, EndpointSettings, SettingsError, resolve
 from .signing import ASYMMETRIC, SIGNERS, auth_headers, new_secret, new_signing_key, public_key
+
+log = structlog.get_logger(__name__)
 
 INSERT = """
 INSERT INTO dispatcher.subscriptions
@@ -96,8 +104,10 @@ STATS = """
 WITH recent AS (
     SELECT delivery_id, attempt, duration_ms, outcome,
            lag(outcome) OVER (PARTITION BY delivery_id ORDER BY attempt) AS before
-    FROM dispatcher.attempts
+    FROM dispatcher.attempts a
     WHERE subscription_id = $1 AND started_at >= now() - make_interval(secs => $2)
+      AND NOT EXISTS (SELECT 1 FROM dispatcher.test_deliveries t
+                      WHERE t.delivery_id = a.delivery_id)
 )
 SELECT count(*) AS attempts,
        count(*) FILTER (WHERE outcome = 'delivered') AS succeeded,
@@ -109,12 +119,41 @@ FROM recent
 """
 
 OUTCOMES = """
-SELECT status, count(*) AS n FROM dispatcher.deliveries_done
+SELECT status, count(*) AS n FROM dispatcher.deliveries_done d
 WHERE subscription_id = $1 AND finished_at >= now() - make_interval(secs => $2)
+  AND NOT EXISTS (SELECT 1 FROM dispatcher.test_deliveries t WHERE t.delivery_id = d.id)
 GROUP BY status
 """
 
-PENDING = "SELECT count(*) FROM dispatcher.deliveries WHERE subscription_id = $1"
+PENDING = """
+SELECT count(*) FROM dispatcher.deliveries d
+WHERE subscription_id = $1
+  AND NOT EXISTS (SELECT 1 FROM dispatcher.test_deliveries t WHERE t.delivery_id = d.id)
+"""
+
+# Where a series ends: the end of the bucket now() is in ($1 seconds a bucket, aligned to
+# the epoch), on the database's clock.
+SERIES_END = "SELECT ceil(extract(epoch FROM now()) / $1::int) * $1::int"
+
+# The attempts of [$2, $3) (unix seconds) by bucket of $4 seconds: an index range scan of
+# attempts_subscription_idx on each daily partition the range touches (the bounds are
+# parameters, so the planner prunes the others), test deliveries left out by a hash
+# anti-join. Empty buckets are absent; the handler fills them in.
+SERIES = """
+SELECT (floor(extract(epoch FROM a.started_at) / $4::int) * $4::int)::float8 AS slot,
+       count(*) FILTER (WHERE a.outcome = 'delivered') AS delivered,
+       count(*) FILTER (WHERE a.outcome = 'retry') AS retried,
+       count(*) FILTER (WHERE a.outcome IN ('failed', 'expired')) AS failed,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms) AS p95
+FROM dispatcher.attempts a
+WHERE a.subscription_id = $1
+  AND a.started_at >= to_timestamp($2::float8) AND a.started_at < to_timestamp($3::float8)
+  AND NOT EXISTS (SELECT 1 FROM dispatcher.test_deliveries t
+                  WHERE t.delivery_id = a.delivery_id)
+GROUP BY 1
+ORDER BY 1
+"""
 
 
 def public(row: asyncpg.Record, secret: str | None = None) -> dict[str, Any]:
@@ -464,16 +503,76 @@ async def deactivate(request: web.Request) -> web.Response:
     return await _set_active(request, False)
 
 
+def _window_and_bucket(request: web.Request) -> tuple[int, int | None]:
+    """The stats window and, when asked for, the series' bucket, both in seconds.
+
+    A series has at most MAX_STATS_BUCKETS buckets of one of STATS_BUCKETS seconds and
+    covers whole buckets, so every bucket is comparable and the last one is the current.
+    Without `window`, a series covers a day or, for small buckets, the most it may.
+    """
+    if "bucket" not in request.query:
+        return query_int(request, "window", 86_400, 60, 90 * 86_400), None
+    bucket = query_int(request, "bucket", 3600, 60, 86_400)
+    if bucket not in STATS_BUCKETS:
+        raise ApiError(
+            400, "bad_query", f"bucket must be one of {list(STATS_BUCKETS)} seconds", "bucket"
+        )
+    default = min(86_400, bucket * MAX_STATS_BUCKETS)
+    window = query_int(request, "window", default, 60, 90 * 86_400)
+    if window % bucket:
+        raise ApiError(
+            400, "bad_query", f"window must be a whole number of buckets ({bucket} s)", "window"
+        )
+    if window // bucket > MAX_STATS_BUCKETS:
+        raise ApiError(
+            400,
+            "bad_query",
+            f"at most {MAX_STATS_BUCKETS} buckets: {window // bucket} asked; "
+            "use a larger bucket or a shorter window",
+            "bucket",
+        )
+    return window, bucket
+
+
+async def _series(pool: asyncpg.Pool, sid: UUID, window: int, bucket: int) -> list[Any]:
+    """Every bucket of the window, oldest first, empty ones as zeros."""
+    end = float(await pool.fetchval(SERIES_END, bucket))
+    start = end - window
+    found = {r["slot"]: r for r in await pool.fetch(SERIES, sid, start, end, bucket)}
+    out = []
+    for n in range(window // bucket):
+        slot = start + n * bucket
+        r = found.get(slot)
+        out.append(
+            {
+                "start": datetime.fromtimestamp(slot, UTC),
+                "delivered": r["delivered"] if r else 0,
+                "retried": r["retried"] if r else 0,
+                "failed": r["failed"] if r else 0,
+                "p50_response_ms": r["p50"] if r else None,
+                "p95_response_ms": r["p95"] if r else None,
+            }
+        )
+    return out
+
+
 async def stats(request: web.Request) -> web.Response:
-    window = query_int(request, "window", 86_400, 60, 90 * 86_400)
+    window, bucket = _window_and_bucket(request)
     row = await _one(request)
     pool = state(request).pool
     numbers = await pool.fetchrow(STATS, row["id"], float(window))
     outcomes = {r["status"]: r["n"] for r in await pool.fetch(OUTCOMES, row["id"], float(window))}
     attempts = numbers["attempts"]
     deliveries = numbers["deliveries"]
+    series: dict[str, Any] = {}
+    if bucket is not None:
+        series = {
+            "bucket_seconds": bucket,
+            "series": await _series(pool, row["id"], window, bucket),
+        }
     return json_response(
         {
+            **series,
             "subscription_id": row["id"],
             "window_seconds": window,
             "attempts": attempts,
@@ -539,6 +638,84 @@ async def rotate_secret(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+# A test delivery, in one transaction: the event goes in (the fan-out trigger queues it for
+# every subscription that wants it), the deliveries of other subscriptions come straight
+# out again before anyone can see them, this subscription's is added if the fan-out did
+# not queue one (an event name its patterns do not match), and it is marked as a test.
+TEST_EVENT = """
+INSERT INTO dispatcher.events (environment_id, event_name, payload, entity_instance_id)
+VALUES ($1, $2, $3::text::jsonb, $4)
+RETURNING id, created_at
+"""
+
+TEST_ONLY_HERE = """
+DELETE FROM dispatcher.deliveries
+WHERE event_id = $1 AND event_created_at = $2 AND subscription_id <> $3
+"""
+
+TEST_DELIVERY = """
+WITH queued AS (
+    SELECT id FROM dispatcher.deliveries
+    WHERE event_id = $1 AND event_created_at = $2 AND subscription_id = $3
+), added AS (
+    INSERT INTO dispatcher.deliveries
+        (subscription_id, event_id, event_created_at, environment_id, due_at)
+    SELECT $3, $1, $2, $4, now()
+    WHERE NOT EXISTS (SELECT 1 FROM queued)
+    RETURNING id
+)
+SELECT id FROM queued UNION ALL SELECT id FROM added
+"""
+
+# Marks it; and what stats can no longer reach (older than their longest window) goes.
+MARK_TEST = """
+WITH old AS (
+    DELETE FROM dispatcher.test_deliveries WHERE created_at < now() - interval '91 days'
+)
+INSERT INTO dispatcher.test_deliveries (delivery_id, subscription_id) VALUES ($1, $2)
+"""
+
+
+async def send_test(request: web.Request) -> web.Response:
+    """Queue one test delivery: an example of an event the subscription wants (or the one
+    asked for), signed and sent like any other, marked `test` and left out of the stats
+    and the error-rate rule."""
+    data = await body(request, empty_ok=True)
+    asked = decoded(data, SendTest)
+    row = await _one(request)
+    if not row["active"]:
+        raise ApiError(
+            409, "inactive", "the subscription is deactivated: activate it to send a test"
+        )
+    event_name = event_name_for(row["events"]) if asked.event_name is UNSET else asked.event_name
+    payload, example_id = example(event_name)
+    entity_id: str | None = example_id
+    if "payload" in data:
+        payload = data["payload"]  # as sent: decode() turns 3.0 into 3
+        entity_id = None
+    if asked.entity_instance_id is not UNSET:
+        entity_id = asked.entity_instance_id
+    pool = state(request).pool
+    async with pool.acquire() as conn, conn.transaction():
+        event = await conn.fetchrow(
+            TEST_EVENT, row["environment_id"], event_name, orjson.dumps(payload).decode(), entity_id
+        )
+        await conn.execute(TEST_ONLY_HERE, event["id"], event["created_at"], row["id"])
+        delivery_id = await conn.fetchval(
+            TEST_DELIVERY, event["id"], event["created_at"], row["id"], row["environment_id"]
+        )
+        await conn.execute(MARK_TEST, delivery_id, row["id"])
+        await conn.execute("SELECT pg_notify('dispatcher_work', '')")
+        delivery = await api_deliveries.by_id(conn, scope(request), delivery_id)
+    log.info(
+        "subscription.test_queued",
+        subscription_id=str(row["id"]),
+        delivery_id=delivery_id,
+        event_name=event_name,
+    )
+    return json_response(api_deliveries.public(delivery), 202)
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/subscriptions", create),
@@ -550,4 +727,5 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/subscriptions/{id}/deactivate", deactivate),
         web.get("/v1/subscriptions/{id}/stats", stats),
         web.post("/v1/subscriptions/{id}/rotate-secret", rotate_secret),
+        web.post("/v1/subscriptions/{id}/test", send_test),
     ]

@@ -398,6 +398,15 @@ class ResendRequest(Closed):
     ) = UNSET
 
 
+class SendTest(Closed, kw_only=True):
+    """A test delivery: the event (by default one the subscription wants) and its payload
+    (by default a realistic example of the event's entity)."""
+
+    event_name: EventName | UnsetType = UNSET
+    payload: Annotated[Any, Meta(description="Any JSON value.")] | UnsetType = UNSET
+    entity_instance_id: Text200 | UnsetType = UNSET
+
+
 # Rules across fields, added to the generated components by name (JSON Schema for what
 # the handlers check after decoding).
 _ONE_WAY_TO_SUBSCRIBE: dict[str, Any] = {
@@ -484,9 +493,38 @@ class DeliveryCounts(Struct):
     pending: int | UnsetType = UNSET
 
 
+# Bucket sizes a stats series may use (seconds): each divides a day, so buckets start on
+# the minute, hour or day in UTC and two series of one size line up.
+STATS_BUCKETS: tuple[int, ...] = (60, 300, 900, 1800, 3600, 10800, 21600, 43200, 86400)
+MAX_STATS_BUCKETS = 500
+
+
+class StatsBucket(Struct, kw_only=True):
+    """One bucket of a stats series: the attempts started in [start, start + bucket) by
+    outcome (delivered, retried: rescheduled, failed: gave up or expired) and their
+    response times. Test deliveries are left out."""
+
+    start: datetime
+    delivered: int
+    retried: int
+    failed: int
+    p50_response_ms: float | None
+    p95_response_ms: float | None
+
+
 class Stats(Struct, kw_only=True):
     subscription_id: UUID
     window_seconds: int
+    bucket_seconds: (
+        Annotated[int, Meta(description="Only with the bucket parameter.")] | UnsetType
+    ) = UNSET
+    series: (
+        Annotated[
+            list[StatsBucket],
+            Meta(description="Only with the bucket parameter: oldest first, every bucket."),
+        ]
+        | UnsetType
+    ) = UNSET
     attempts: int
     succeeded_attempts: int | UnsetType = UNSET
     success_rate: float | None
@@ -526,6 +564,17 @@ class Delivery(Struct, kw_only=True):
     finished_at: datetime | None
     last_status_code: int | None
     last_error: str | None
+    test: Annotated[
+        bool, Meta(description="Sent by POST /v1/subscriptions/{id}/test; not in stats.")
+    ] = False
+
+
+class RequestHeader(Struct):
+    """A request header as the subscription's settings send it; secrets masked."""
+
+    name: str
+    value: str
+    masked: bool
 
 
 class Attempt(Struct):
@@ -543,6 +592,34 @@ class Attempt(Struct):
 class DeliveryDetail(Delivery, kw_only=True):
     payload: Any
     attempt_history: list[Attempt]
+    request_headers: Annotated[
+        list[RequestHeader],
+        Meta(
+            description="The headers every attempt sends, rebuilt from the subscription's "
+            "current settings (not stored per attempt); signature and credential values "
+            "masked, Content-Length and Host left out. Empty once the subscription is gone."
+        ),
+    ]
+
+
+class Queue(Struct, kw_only=True):
+    """The live queue of the token's environment (the admin token: all) at `measured_at`."""
+
+    environment_id: str | None
+    measured_at: datetime
+    depth: Annotated[int, Meta(description="Live deliveries, paused ones included.")]
+    waiting_for_slot: Annotated[
+        int, Meta(description="Due now, not yet taken: waiting for a sending slot.")
+    ]
+    oldest_due_age_seconds: Annotated[
+        float, Meta(description="How long the longest-waiting of those has been due.")
+    ]
+    sending: int
+    scheduled: Annotated[int, Meta(description="Waiting for a later retry time.")]
+    paused: Annotated[int, Meta(description="Held until their subscription is reactivated.")]
+    endpoint_paused: Annotated[
+        int, Meta(description="Of a subscription a receiver's Retry-After paused for now.")
+    ]
 
 
 class DeliveryPage(Struct):
@@ -647,6 +724,8 @@ COMPONENTS: tuple[type[Struct], ...] = (
     ResendRequest,
     ResendJob,
     *OPERATIONAL_EVENTS.values(),
+    SendTest,
+    Queue,
 )
 
 

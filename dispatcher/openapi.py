@@ -92,6 +92,7 @@ _SUBSCRIPTION_LINKS = {
         "deactivateSubscription",
         "rotateSecret",
         "subscriptionStats",
+        "sendTestDelivery",
     )
 }
 _DELIVERY_LINKS = {
@@ -179,14 +180,46 @@ def document() -> Schema:
                 "parameters": [ID_PATH],
                 "get": {
                     "operationId": "subscriptionStats",
+                    "description": "Success rate, response times and retries over the "
+                    "window; with `bucket`, also a series of buckets (oldest first) by outcome "
+                    "with p50/p95 response times. Test deliveries are left out.",
                     "parameters": [
                         _query(
                             "window",
                             {"type": "integer", "minimum": 60, "maximum": 7_776_000},
-                            "seconds, default one day",
-                        )
+                            "seconds, default one day. With bucket: a whole number of "
+                            f"buckets, at most {models.MAX_STATS_BUCKETS} of them (else 400); "
+                            f"default one day or {models.MAX_STATS_BUCKETS} buckets if fewer",
+                        ),
+                        _query(
+                            "bucket",
+                            {"type": "integer", "enum": list(models.STATS_BUCKETS)},
+                            "seconds a bucket of the series, aligned to the epoch (UTC); "
+                            "the last bucket is the current one",
+                        ),
                     ],
                     "responses": _answers(200, _ref("Stats"), 400, 404),
+                },
+            },
+            "/v1/subscriptions/{id}/test": {
+                "parameters": [ID_PATH],
+                "post": {
+                    "operationId": "sendTestDelivery",
+                    "description": "Queue one delivery of an example event for this "
+                    "subscription only, signed and sent like any other and marked test: "
+                    "left out of stats and the error-rate rule. Without event_name, an event "
+                    "the subscription wants; without payload, a realistic example of its "
+                    "entity. 409 when the subscription is deactivated.",
+                    "requestBody": _body("SendTest", required=False),
+                    "responses": _answers(202, _ref("Delivery"), 400, 404, 409, 413, 422),
+                },
+            },
+            "/v1/queue": {
+                "get": {
+                    "operationId": "queueNow",
+                    "description": "The live queue of the token's environment (the admin "
+                    "token: every environment) right now.",
+                    "responses": _answers(200, _ref("Queue")),
                 },
             },
             "/v1/events": {
@@ -219,6 +252,16 @@ def document() -> Schema:
                         _query("status", {"type": "string", "enum": list(STATUSES)}),
                         _query("event_name", {"type": "string", "maxLength": 200}),
                         _query("event_id", UUID_),
+                        _query(
+                            "entity_instance_id",
+                            {"type": "string", "minLength": 1, "maxLength": 200},
+                            "the event's entity instance id, exactly",
+                        ),
+                        _query(
+                            "status_code",
+                            {"type": "integer", "minimum": 100, "maximum": 599},
+                            "the last attempt's HTTP status",
+                        ),
                         _query("since", TIME, "created at or after"),
                         _query("until", TIME, "created before"),
                         *_page(models.DeliveryCursor),

@@ -164,6 +164,7 @@ WHERE until > to_timestamp($1::float8)
 # Deactivate subscriptions whose failure share over their window stays at or above their
 # threshold ($1..$4: one entry per subscription with such a limit that failed lately).
 # Attempts the egress proxy failed (error 'proxy: ...') are not the receiver's and not counted.
+# Test deliveries (POST /v1/subscriptions/{id}/test, sql/0009) do not count.
 ERROR_RATE_DEACTIVATE = """
 UPDATE dispatcher.subscriptions s
 SET active = false, updated_at = now(),
@@ -178,6 +179,8 @@ CROSS JOIN LATERAL (
     WHERE a.subscription_id = t.subscription_id
       AND a.started_at >= now() - make_interval(secs => t.window_s)
       AND (a.error IS NULL OR a.error NOT LIKE 'proxy%')
+      AND NOT EXISTS (SELECT 1 FROM dispatcher.test_deliveries x
+                      WHERE x.delivery_id = a.delivery_id)
 ) r
 WHERE s.id = t.subscription_id AND s.active
   AND r.attempts >= t.min_attempts AND r.rate >= t.threshold

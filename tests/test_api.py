@@ -457,6 +457,8 @@ async def test_openapi_describes_every_route(api: Api) -> None:
         ("POST", "/v1/subscriptions/{id}/deactivate"),
         ("GET", "/v1/subscriptions/{id}/stats"),
         ("POST", "/v1/subscriptions/{id}/rotate-secret"),
+        ("POST", "/v1/subscriptions/{id}/test"),
+        ("GET", "/v1/queue"),
         ("POST", "/v1/events"),
         ("POST", "/v1/events/import"),
         ("GET", "/v1/deliveries"),

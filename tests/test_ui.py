@@ -332,3 +332,219 @@ async def test_history_pages_with_load_more(site: Site, page: Page) -> None:
     )
     assert ids == sorted(ids, reverse=True)
     assert len(set(ids)) == 60
+
+
+DOCS = SCREENSHOT.parent
+
+
+async def shot(page: Page, name: str) -> None:
+    """A picture of the view for the README (written with DISPATCHER_UPDATE_SCREENSHOT=1)."""
+    await page.wait_for_timeout(300)
+    path = DOCS / name if os.environ.get("DISPATCHER_UPDATE_SCREENSHOT") == "1" else None
+    picture = await page.screenshot(path=path, full_page=True)
+    assert picture.startswith(b"\x89PNG")
+
+
+async def api_get(site: Site, path: str) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(site.base + path, headers={"Authorization": f"Bearer {site.token}"}) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def publish_entity(
+    db: asyncpg.Connection, entity: str, event: str = "products.update.v0"
+) -> None:
+    await db.execute(
+        "SELECT dispatcher.publish('shop-42', $1, $2::text::jsonb, $3)",
+        event,
+        f'{{"id": "{entity}", "price": 9.5}}',
+        entity,
+    )
+
+
+async def test_trend_charts_show_the_counts_of_a_real_run(site: Site, page: Page) -> None:
+    receiver, db = site.receiver, site.db
+    # Two 500s: the first delivery is retried once and then gives up, the second is retried
+    # once and delivered; six more are delivered at once.
+    receiver.plan("/shop", 500, 500, 500)
+    sub = await subscribe(
+        db,
+        receiver.url("/shop"),
+        ["products.*"],
+        environment="shop-42",
+        settings={"retry": {"delays": [0], "max_attempts": 2}},
+    )
+    await db.execute(
+        "UPDATE dispatcher.subscriptions SET name = 'Shop: products' WHERE id = $1", sub
+    )
+    await publish(db, {"id": "p-0"}, environment="shop-42")
+    await finished(db, sub, "failed", 1)
+    await publish(db, {"id": "p-1"}, environment="shop-42")
+    await finished(db, sub, "delivered", 1)
+    await publish(db, {"id": "p-2"}, environment="shop-42", count=6)
+    await finished(db, sub, "delivered", 7)
+    expected = await api_get(site, f"/v1/subscriptions/{sub}/stats?window=86400&bucket=3600")
+    totals = {
+        key: sum(b[key] for b in expected["series"]) for key in ("delivered", "retried", "failed")
+    }
+    assert totals == {"delivered": 7, "retried": 2, "failed": 1}
+
+    await sign_in(page, site)
+    await page.click(f'.sub[data-id="{sub}"]')
+    await page.wait_for_selector("#outcomes-plot g.bucket", timeout=WAIT_MS)
+    assert await page.locator("#outcomes-plot g.bucket").count() == 24
+    drawn = await page.eval_on_selector_all(
+        "#outcomes-plot g.bucket",
+        "gs => ['delivered', 'retried', 'failed'].map("
+        "k => gs.reduce((n, g) => n + Number(g.dataset[k]), 0))",
+    )
+    assert drawn == [totals["delivered"], totals["retried"], totals["failed"]]
+    legend = await page.eval_on_selector_all(
+        "#outcomes-legend .legend-item", "items => items.map(i => i.textContent)"
+    )
+    assert legend == ["Delivered 7", "Retried 2", "Failed 1"]
+    assert await page.locator("#outcomes-plot rect.bar.bad").count() == 1
+    assert await page.locator("#latency-plot path.line.p95").count() == 1
+    # The queue now: nothing waits.
+    assert await page.inner_text('#queue-grid [data-key="depth"] dd') == "0"
+    await shot(page, "trends.png")
+
+    await page.click("#window-week")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#outcomes-plot g.bucket').length === 28",
+        timeout=WAIT_MS,
+    )
+    assert await page.inner_text('#outcomes-legend [data-key="delivered"] strong') == "7"
+
+
+async def test_search_finds_a_delivery_by_entity_and_a_shared_link_opens_it(
+    site: Site, page: Page, browser: Browser
+) -> None:
+    receiver, db = site.receiver, site.db
+    receiver.plan("/down", 503, 503)
+    down = await subscribe(
+        db,
+        receiver.url("/down"),
+        ["products.*"],
+        environment="shop-42",
+        profile="tillhub",
+        settings={"retry": {"delays": [0], "max_attempts": 2}},
+    )
+    later = await subscribe(
+        db,
+        receiver.url("/later"),
+        ["orders.*"],
+        environment="shop-42",
+        settings={"retry": {"delays": [3600]}},
+    )
+    receiver.plan("/later", 500)
+    await publish_entity(db, "sku-77")
+    await finished(db, down, "failed", 1)
+    await publish_entity(db, "sku-78")
+    await finished(db, down, "delivered", 1)
+    await publish_entity(db, "order-5", "orders.create.v0")
+    failed: int = await db.fetchval(
+        "SELECT d.id FROM dispatcher.deliveries_done d JOIN dispatcher.events e "
+        "ON e.id = d.event_id WHERE d.status = 'failed'"
+    )
+
+    async def retrying() -> bool:
+        return bool(
+            await db.fetchval(
+                "SELECT attempts = 1 FROM dispatcher.deliveries WHERE subscription_id = $1", later
+            )
+        )
+
+    await poll_until(retrying, timeout=15)
+    waiting: int = await db.fetchval(
+        "SELECT id FROM dispatcher.deliveries WHERE subscription_id = $1", later
+    )
+
+    await sign_in(page, site)
+    await page.fill("#search", "sku-77")
+    await page.click("#search-submit")
+    await page.wait_for_selector("#search-view tr.found", timeout=WAIT_MS)
+    found = await page.eval_on_selector_all(
+        "tr.found", "rows => rows.map(r => Number(r.dataset.id))"
+    )
+    assert found == [failed]
+    assert "#/search?entity_instance_id=sku-77" in page.url
+    await shot(page, "search.png")
+
+    await page.click(f'tr.found a[href="#/deliveries/{failed}"]')
+    await page.wait_for_selector('#next-step[data-status="failed"]', timeout=WAIT_MS)
+    assert page.url.endswith(f"#/deliveries/{failed}")
+    assert "Gave up after 2 attempts" in await page.inner_text("#next-step")
+    cards = await page.eval_on_selector_all(
+        ".attempt-card[data-outcome]", "cards => cards.map(c => c.dataset.outcome)"
+    )
+    assert cards == ["retry", "failed"]
+    codes = await page.eval_on_selector_all(
+        ".attempt-card .status-code", "cells => cells.map(c => c.textContent)"
+    )
+    assert codes == ["503", "503"]
+    headers = await page.inner_text(".attempt-card.request")
+    assert "Tillhub-Signature" in headers
+    assert "v1=••••••••" in headers
+    await shot(page, "delivery.png")
+
+    # Someone else opens the shared link in a fresh tab and signs in: the same delivery.
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        other = await context.new_page()
+        await other.goto(f"{site.base}/ui/#/deliveries/{waiting}")
+        await other.fill("#token", site.token)
+        await other.click("#signin-submit")
+        await other.wait_for_selector('#next-step[data-status="retrying"]', timeout=WAIT_MS)
+        text = await other.inner_text("#next-step")
+        assert "Retry at" in text
+        assert "(attempt 2)" in text
+        assert await other.inner_text("#dv-title") == f"Delivery #{waiting}"
+    finally:
+        await context.close()
+
+    # By status code, across the environment's subscriptions.
+    await page.fill("#search", "")
+    await page.fill("#search-code", "500")
+    await page.click("#search-submit")
+    await page.wait_for_function(
+        "id => [...document.querySelectorAll('tr.found')].map(r => Number(r.dataset.id))"
+        ".join() === String(id)",
+        arg=waiting,
+        timeout=WAIT_MS,
+    )
+
+
+async def test_the_test_button_sends_a_delivery_and_the_page_stays_live(
+    site: Site, page: Page
+) -> None:
+    receiver, db = site.receiver, site.db
+    sub = await subscribe(db, receiver.url("/tested"), ["products.*"], environment="shop-42")
+    await sign_in(page, site)
+    await page.click(f'.sub[data-id="{sub}"]')
+    await page.wait_for_selector("#rows-empty", state="visible", timeout=WAIT_MS)
+    await page.click("#send-test")
+    await page.wait_for_selector('tr.delivery[data-status="delivered"] .tag.test', timeout=WAIT_MS)
+    await receiver.wait_for(1, "/tested")
+    body = receiver.at("/tested")[0].json()
+    assert body["type"] == "products.create.v0"
+    assert body["data"]["id"] == "product_789"
+    # A test stays out of the trends.
+    stats = await api_get(site, f"/v1/subscriptions/{sub}/stats?window=86400&bucket=3600")
+    assert sum(b["delivered"] for b in stats["series"]) == 0
+
+    # Published behind the page's back: it appears without a click, and the page says when
+    # it last looked.
+    before = await page.get_attribute("#updated", "data-at")
+    await publish(db, {"id": "p-live"}, environment="shop-42")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('tr.delivery').length === 2", timeout=WAIT_MS
+    )
+    after = await page.get_attribute("#updated", "data-at")
+    assert before is not None
+    assert after is not None
+    assert int(after) > int(before)
+    assert (await page.inner_text("#updated")).startswith("Updated ")
