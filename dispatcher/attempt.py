@@ -26,6 +26,8 @@ class Job:
     blocked: str | None
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
+    # The ordering key of the claimed row (sql/0010), None when unordered.
+    order_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         headers=endpoint.headers,
         blocked=endpoint.blocked,
         cap=endpoint.cap,
+        order_key=row["order_key"],
     )
 
 
@@ -112,6 +115,7 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         decision,
         email=email,
         body=sent.decode(errors="replace") if email and sent is not None else None,
+        order_key=job.order_key,
     )
     return Judgement(result, error_rate)
 

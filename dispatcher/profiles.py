@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from .models import RETRY_PRESETS, EmailOn, Invalid, Retry, Settings, decode
+from .models import RETRY_PRESETS, EmailOn, Invalid, Ordering, Retry, Settings, decode
 from .models import RetryOn as RetryOnSettings
 from .policy import DeliveryPolicy, RetryOn, RetryPolicy, SuccessRule
 
@@ -46,6 +46,8 @@ class EndpointSettings:
     email_on: EmailOn = EmailOn.FINAL
     error_rate: ErrorRateLimit | None = None
     verify_on_create: bool = False
+    # Sent in publish order per key (the fan-out and the recorder do it: sql/0010).
+    ordering: Ordering = Ordering.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ def resolve(
             window=_or(limit.window, _DAY),
         ),
         verify_on_create=pick("verify_on_create", False),
+        ordering=pick("ordering", Ordering.NONE),
     )
 
 

@@ -17,7 +17,7 @@ from . import queries
 from .dberrors import Backoff, Outage
 from .failure_log import FailureLog
 from .metrics import Metrics
-from .policy import Action, Decision, Outcome
+from .policy import Action, Decision, Outcome, Verdict
 from .schedule import WakeTimer
 
 log = structlog.get_logger(__name__)
@@ -45,6 +45,9 @@ class Result:
     # A failure mail to queue (a kind of dispatcher.emails) and the request body it quotes.
     email: str | None = None
     body: str | None = None
+    # The delivery's ordering key (sql/0010), None when unordered: a finished one releases
+    # the next of its key.
+    order_key: str | None = None
 
 
 class Recorder:
@@ -165,14 +168,22 @@ class Recorder:
         emails = [r for r in batch if r.email is not None]
         honoured = [r for r in batch if r.decision.retry_after is not None]
         paused = [r for r in batch if r.decision.pause_until is not None]
-        if not actions and not emails and not honoured and not paused:
+        heads = [
+            r for r in batch if r.order_key is not None and r.decision.verdict is not Verdict.RETRY
+        ]
+        if not actions and not emails and not honoured and not paused and not heads:
             # The common case: one statement, no transaction round trips.
             await self._record(self._pool, batch)
             return
-        # Rare: what an answer does to its subscription, failure mails and Retry-After, commit
-        # with the outcomes or not at all.
+        # Rare: what an answer does to its subscription, failure mails, Retry-After and the
+        # end of an ordered key's head, commit with the outcomes or not at all.
         async with self._pool.acquire() as conn, conn.transaction():
+            keys = ([r.subscription_id for r in heads], [r.order_key for r in heads])
+            if heads:
+                await conn.execute(queries.HOLD_KEYS, *keys)
             await self._record(conn, batch)
+            if heads:
+                await conn.execute(queries.RELEASE_NEXT, *keys)
             if honoured:
                 await conn.execute(
                     queries.NOTE_RETRY_AFTER,
