@@ -41,22 +41,32 @@ log = structlog.get_logger(__name__)
 RESEND_BATCH = 500
 
 # Live deliveries and finished ones, in one shape. A live row's state follows from its
-# columns: a lease in force means it is being sent right now.
+# columns: a lease in force means it is being sent right now; a waiting one (ordering,
+# sql/0010) goes out after its key's head, the key's one live row that is not waiting.
 DELIVERIES = """
 WITH d AS (
     SELECT id, subscription_id, event_id, event_created_at, environment_id, attempts,
            CASE WHEN paused THEN 'paused'
+                WHEN waiting THEN 'waiting'
                 WHEN lease_owner IS NOT NULL AND due_at > now() THEN 'sending'
                 WHEN attempts = 0 THEN 'pending'
                 ELSE 'retrying' END AS status,
-           created_at, CASE WHEN lease_owner IS NULL THEN due_at END AS next_attempt_at,
-           NULL::timestamptz AS finished_at, last_status, last_error
-    FROM dispatcher.deliveries
+           created_at,
+           CASE WHEN lease_owner IS NULL AND NOT waiting THEN due_at END AS next_attempt_at,
+           NULL::timestamptz AS finished_at, last_status, last_error,
+           CASE WHEN waiting THEN (
+               SELECT h.id FROM dispatcher.deliveries h
+               WHERE h.subscription_id = q.subscription_id AND h.order_key = q.order_key
+                 AND NOT h.waiting
+               ORDER BY h.order_seq
+               LIMIT 1
+           ) END AS waiting_behind
+    FROM dispatcher.deliveries q
     WHERE ($1::text IS NULL OR environment_id = $1)
       AND ($2::uuid IS NULL OR subscription_id = $2)
     UNION ALL
     SELECT id, subscription_id, event_id, event_created_at, environment_id, attempts, status,
-           created_at, NULL, finished_at, last_status, last_error
+           created_at, NULL, finished_at, last_status, last_error, NULL
     FROM dispatcher.deliveries_done
     WHERE ($1::text IS NULL OR environment_id = $1)
       AND ($2::uuid IS NULL OR subscription_id = $2)
@@ -139,6 +149,7 @@ def public(row: asyncpg.Record) -> dict[str, Any]:
         "last_status_code": row["last_status"],
         "last_error": row["last_error"],
         "test": row["test"],
+        "waiting_behind": row["waiting_behind"],
     }
 
 

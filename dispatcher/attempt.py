@@ -28,6 +28,8 @@ class Job:
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
     egress: Egress = DIRECT_EGRESS
+    # The ordering key of the claimed row (sql/0010), None when unordered.
+    order_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         blocked=endpoint.blocked,
         cap=endpoint.cap,
         egress=endpoint.egress,
+        order_key=row["order_key"],
     )
 
 
@@ -122,6 +125,7 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         body=sent.decode(errors="replace") if email and sent is not None else None,
         event_name=job.message.event_name,
         failing_threshold=threshold,
+        order_key=job.order_key,
     )
     return Judgement(result, error_rate)
 

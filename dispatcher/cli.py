@@ -164,6 +164,7 @@ async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
         args.retry_deliveries,
         args.memory_pending,
         args.memory_in_flight,
+        args.ordered_deliveries,
     )
     if min(sizes) < 1 or args.steady_seconds <= 0:
         raise StartupError("bench sizes must be positive")
@@ -176,6 +177,7 @@ async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
         retry_deliveries=args.retry_deliveries,
         memory_pending=args.memory_pending,
         memory_in_flight=args.memory_in_flight,
+        ordered_deliveries=args.ordered_deliveries,
     )
     report = await bench.run(
         settings, plan, database_url=args.database_url, progress=sys.stderr.isatty()
@@ -229,18 +231,23 @@ def _parser() -> argparse.ArgumentParser:
         description="Scenarios: burn (a backlog burnt down, against the ceiling of a plain "
         "aiohttp client), steady (half the ceiling's rate: lag), faulty (10% of endpoints "
         "answer 500, 1% hang), retries (retries due in bulk: how late), memory (optional, "
-        "longer: RSS with 1M pending and 1,000 in flight). Loopback only.",
+        "longer: RSS with 1M pending and 1,000 in flight), ordered (optional: an entity-ordered "
+        "burn-down over 1,000 entities against unordered ones). Loopback only.",
     )
     bench.add_argument(
         "--scenarios",
         default="burn,steady,faulty,retries",
-        help="comma-separated, of burn,steady,faulty,retries,memory (default: all but memory)",
+        help="comma-separated, of burn,steady,faulty,retries,memory,ordered "
+        "(default: all but memory and ordered)",
     )
     bench.add_argument("--deliveries", type=int, default=50_000, help="burn-down backlog")
     bench.add_argument("--concurrency", type=int, default=256)
     bench.add_argument("--steady-seconds", type=float, default=10.0)
     bench.add_argument("--faulty-deliveries", type=int, default=12_000, help="per run (five runs)")
     bench.add_argument("--retry-deliveries", type=int, default=2_000)
+    bench.add_argument(
+        "--ordered-deliveries", type=int, default=50_000, help="per ordered-scenario run"
+    )
     bench.add_argument("--memory-pending", type=int, default=1_000_000)
     bench.add_argument("--memory-in-flight", type=int, default=1_000)
     bench.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")

@@ -135,7 +135,7 @@ else:
     SignerName = Literal[tuple(sorted(SIGNERS))]
 
 DeliveryStatus = Literal[
-    "pending", "sending", "retrying", "paused", "delivered", "failed", "expired"
+    "pending", "sending", "retrying", "waiting", "paused", "delivered", "failed", "expired"
 ]
 FinishedStatus = Literal["delivered", "failed", "expired"]
 STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
@@ -148,6 +148,14 @@ class EmailOn(StrEnum):
     EVERY_FAILURE = "every_failure"  # each failed attempt, and once more when it gives up
     FINAL = "final"  # when a delivery gives up
     NEVER = "never"
+
+
+class Ordering(StrEnum):
+    """Which deliveries of a subscription go out one after another, in publish order."""
+
+    NONE = "none"  # any order, concurrently
+    ENTITY = "entity"  # per entity_instance_id (events without one: unordered)
+    SUBSCRIPTION = "subscription"  # the whole subscription, one at a time
 
 
 class Closed(Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
@@ -271,6 +279,9 @@ class Settings(Closed):
         | UnsetType
         | None
     ) = UNSET
+    # Strict publish order per key; a key waits behind its head (see README, "Ordered
+    # delivery").
+    ordering: Ordering | UnsetType = UNSET
 
 
 SETTING_KEYS = frozenset(Settings.__struct_fields__)
@@ -575,6 +586,8 @@ class RequestHeader(Struct):
     name: str
     value: str
     masked: bool
+    # A "waiting" delivery's key's head, the delivery it goes out after (ordering).
+    waiting_behind: int | None = None
 
 
 class Attempt(Struct):

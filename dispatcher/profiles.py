@@ -16,7 +16,16 @@ from typing import Any
 
 from msgspec import UNSET
 
-from .models import RETRY_PRESETS, EmailOn, Invalid, Retry, Settings, TLSSettings, decode
+from .models import (
+    RETRY_PRESETS,
+    EmailOn,
+    Invalid,
+    Ordering,
+    Retry,
+    Settings,
+    TLSSettings,
+    decode,
+)
 from .models import RetryOn as RetryOnSettings
 from .policy import DeliveryPolicy, RetryOn, RetryPolicy, SuccessRule
 
@@ -52,6 +61,8 @@ class EndpointSettings:
     tls: Mapping[str, str] | None = None
     # Consecutive failed attempts that publish dispatcher.delivery_failing.v1; None: never.
     failing_threshold: int | None = 5
+    # Sent in publish order per key (the fan-out and the recorder do it: sql/0010).
+    ordering: Ordering = Ordering.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +208,7 @@ def resolve(
         proxy=pick("proxy", None),
         tls=_tls(pick("tls", None)),
         failing_threshold=pick("failing_threshold", 5),
+        ordering=pick("ordering", Ordering.NONE),
     )
 
 

@@ -9,11 +9,13 @@
 # due. The lease is the due time itself: it is pushed $3 seconds ahead, so a row whose owner
 # died becomes due again with no sweeper. $1 is the daemon's clock (unix seconds), the clock
 # that set the retry times, plus a short look-ahead: rows due within it come back with their
-# due time and are started at it, not a claim's round trip after it.
+# due time and are started at it, not a claim's round trip after it. A delivery waiting
+# behind the head of its ordering key is not claimable (sql/0010: the index leaves it out);
+# `order_key` tells the recorder which claimed rows are heads.
 CLAIM = """
 WITH due AS (
     SELECT id, subscription_id, due_at FROM dispatcher.deliveries
-    WHERE due_at <= to_timestamp($1::float8) AND NOT paused
+    WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND NOT waiting
       AND subscription_id <> ALL($4::uuid[])
     ORDER BY due_at
     LIMIT $2::int
@@ -37,7 +39,7 @@ WHERE d.id = shared.id
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at, extract(epoch FROM shared.due_at)::float8 AS due_at,
+          s.updated_at, extract(epoch FROM shared.due_at)::float8 AS due_at, d.order_key,
           (SELECT count(*) FROM due) AS scanned, (SELECT count(*) FROM shared) AS shared
 """
 
@@ -115,6 +117,21 @@ SELECT (SELECT count(*) FROM finished) AS finished,
        (SELECT count(*) FROM rescheduled) AS rescheduled
 """
 
+# Ordered deliveries (sql/0010): a batch that ends heads of ordering keys holds those keys'
+# release locks (shared, in lock order) from before RECORD deletes the heads until it
+# commits, and releases each key's next one after RECORD, in the same transaction. The
+# lock makes a publisher's commit-time check wait for this transaction instead of missing
+# it (see dispatcher.check_order). Unordered batches never run these.
+HOLD_KEYS = """
+SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
+    SELECT DISTINCT dispatcher.order_lock(k.subscription_id, k.order_key, 1) AS lock
+    FROM unnest($1::uuid[], $2::text[]) AS k(subscription_id, order_key)
+    ORDER BY 1
+) l
+"""
+
+RELEASE_NEXT = "SELECT dispatcher.release_next($1::uuid[], $2::text[])"
+
 # Failure mails for a batch of outcomes (see sql/0004_profiles.sql).
 QUEUE_EMAILS = """
 SELECT dispatcher.queue_emails($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[],
@@ -187,17 +204,20 @@ WHERE s.id = t.subscription_id AND s.active
 RETURNING s.id, s.deactivated_reason
 """
 
-# The earliest due time of work that is not paused: what the timer should wake for.
+# The earliest due time of work that is not paused or waiting: what the timer should wake
+# for (the claim's index, so it stays one index probe).
 NEXT_DUE = """
-SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused
+SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused AND NOT waiting
 """
 
 # Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
 # waited, and subscriptions by state. Leased rows carry their lease end as due time, so
-# they count only once expired.
+# they count only once expired; deliveries waiting behind their key's head count in the
+# depth, not in the age (they are not due until released).
 QUEUE_STATS = """
 SELECT count(*) AS depth,
-       coalesce(extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now())), 0)
+       coalesce(extract(epoch FROM now() - min(due_at)
+                FILTER (WHERE due_at <= now() AND NOT waiting)), 0)
            AS oldest_due_age,
        (SELECT count(*) FROM dispatcher.subscriptions WHERE active) AS active_subscriptions,
        (SELECT count(*) FROM dispatcher.subscriptions WHERE NOT active)

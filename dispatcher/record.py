@@ -17,7 +17,7 @@ from . import operational, queries
 from .dberrors import Backoff, Outage
 from .failure_log import FailureLog
 from .metrics import Metrics
-from .policy import Action, Decision, Outcome
+from .policy import Action, Decision, Outcome, Verdict
 from .schedule import WakeTimer
 
 log = structlog.get_logger(__name__)
@@ -49,6 +49,9 @@ class Result:
     # and the subscription's failing_threshold (None: no delivery_failing events).
     event_name: str = ""
     failing_threshold: int | None = None
+    # The delivery's ordering key (sql/0010), None when unordered: a finished one releases
+    # the next of its key.
+    order_key: str | None = None
 
 
 class Recorder:
@@ -172,14 +175,23 @@ class Recorder:
         paused = [r for r in batch if r.decision.pause_until is not None]
         exhausted = operational.gave_up(batch)
         streaks = self.streaks.changes(batch)
-        if not (actions or emails or honoured or paused or exhausted or streaks):
+        heads = [
+            r for r in batch if r.order_key is not None and r.decision.verdict is not Verdict.RETRY
+        ]
+        if not (actions or emails or honoured or paused or exhausted or streaks or heads):
             # The common case: one statement, no transaction round trips.
             await self._record(self._pool, batch)
             return
         # Rare: what an answer does to its subscription, failure mails, Retry-After and the
-        # operational events of failures, commit with the outcomes or not at all.
+        # operational events of failures and the end of an ordered key's head, commit with
+        # the outcomes or not at all.
         async with self._pool.acquire() as conn, conn.transaction():
+            keys = ([r.subscription_id for r in heads], [r.order_key for r in heads])
+            if heads:
+                await conn.execute(queries.HOLD_KEYS, *keys)
             await self._record(conn, batch)
+            if heads:
+                await conn.execute(queries.RELEASE_NEXT, *keys)
             if honoured:
                 await conn.execute(
                     queries.NOTE_RETRY_AFTER,

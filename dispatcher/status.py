@@ -14,13 +14,16 @@ import asyncpg
 
 # Live deliveries. A claimed row carries its lease end as due_at, so "due now" counts rows
 # nobody holds (never claimed, waiting retries whose time came, expired leases) and
-# "leased" those an instance is sending right now.
+# "leased" those an instance is sending right now. "waiting" are those behind their ordering
+# key's head (sql/0010): queued, but not due until the head ends.
 QUEUE = """
 SELECT count(*) FILTER (WHERE NOT paused) AS depth,
-       count(*) FILTER (WHERE NOT paused AND due_at <= now()) AS due_now,
+       count(*) FILTER (WHERE NOT paused AND NOT waiting AND due_at <= now()) AS due_now,
        coalesce(extract(epoch FROM now() - min(due_at)
-                FILTER (WHERE NOT paused AND due_at <= now())), 0)::float8 AS oldest_due_age,
+                FILTER (WHERE NOT paused AND NOT waiting AND due_at <= now())), 0)::float8
+           AS oldest_due_age,
        count(*) FILTER (WHERE lease_owner IS NOT NULL AND due_at > now()) AS leased,
+       count(*) FILTER (WHERE NOT paused AND waiting) AS waiting,
        count(*) FILTER (WHERE paused) AS paused
 FROM dispatcher.deliveries
 """
@@ -79,6 +82,8 @@ class Status:
     oldest_due_age: float  # seconds
     leased: int
     paused: int
+    # Behind the head of their ordering key (not paused).
+    waiting: int
     finished: Mapping[str, int]  # last window's finished deliveries, by status
     failing: Sequence[FailingSubscription]
     active_subscriptions: int
@@ -111,6 +116,7 @@ async def collect(
         oldest_due_age=queue["oldest_due_age"],
         leased=queue["leased"],
         paused=queue["paused"],
+        waiting=queue["waiting"],
         finished=counts,
         failing=tuple(FailingSubscription(**dict(r)) for r in failing),
         active_subscriptions=subs["active"],
@@ -161,6 +167,7 @@ def render(status: Status) -> str:
         ("due now", str(status.due_now)),
         ("oldest due age", duration(status.oldest_due_age)),
         ("leased (in flight)", str(status.leased)),
+        ("waiting (ordering)", str(status.waiting)),
         ("paused", str(status.paused)),
         *((f"{name} (last {window})", str(n)) for name, n in status.finished.items()),
         ("active subscriptions", str(status.active_subscriptions)),

@@ -45,6 +45,7 @@ def claimed(endpoint: Endpoint, attempts: int = 0) -> attempt.Job:
         "created_at": datetime.fromtimestamp(T0, UTC),
         "payload": '{"id": "p-1"}',
         "attempts": attempts,
+        "order_key": None,
     }
     return attempt.job(row, endpoint, T0)
 

@@ -22,6 +22,8 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
         memory_pending=300,
         memory_in_flight=20,
         memory_seconds=0.5,
+        ordered_deliveries=300,
+        ordered_entities=30,
     )
     report = await bench.run(config.Settings(), plan, database_url=database)
 
@@ -83,8 +85,15 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert memory is not None
     assert memory.rss_peak_mb > 0
     assert memory.max_in_flight_seen > 0
+    ordered = report.ordered
+    assert ordered is not None
+    assert [r.ordered for r in ordered.runs] == [False, True, False]
+    assert all(r.per_s > 0 for r in ordered.runs)
+    assert ordered.ratio > 0
+    assert ordered.runs[1].release_mean_ms is not None  # the ordered run released heads
+    assert ordered.runs[0].release_mean_ms is None  # the unordered ones never do
 
-    assert sum(t.met is not None for t in report.targets) == 6  # all but retention
+    assert sum(t.met is not None for t in report.targets) == 7  # all but retention
     orjson.loads(orjson.dumps(report))  # --json serializes every field
     names = [name for name, _ in bench._rows(report)]
     assert "burn: ratio to ceiling" in names

@@ -33,10 +33,10 @@ from .. import config
 from ..app import EMBEDDED_DATABASE, apply_migrations
 from ..embedded import EmbeddedPostgres
 from ..envelope import Message, render
-from . import burn, ceiling, faulty, kit, memory, retries, steady
+from . import burn, ceiling, faulty, kit, memory, ordered, retries, steady
 from .cpu import postmaster_of
 
-SCENARIOS = ("burn", "steady", "faulty", "retries", "memory")
+SCENARIOS = ("burn", "steady", "faulty", "retries", "memory", "ordered")
 DEFAULT_SCENARIOS = ("burn", "steady", "faulty", "retries")
 
 
@@ -54,6 +54,8 @@ class Plan:
     memory_pending: int = 1_000_000
     memory_in_flight: int = 1_000
     memory_seconds: float = 10.0
+    ordered_deliveries: int = 50_000  # per run (three runs: unordered, ordered, unordered)
+    ordered_entities: int = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class Report:
     faulty: faulty.Faulty | None = None
     retries: retries.Retries | None = None
     memory: memory.Memory | None = None
+    ordered: ordered.Ordered | None = None
     targets: list[Target] = field(default_factory=list)
 
 
@@ -172,6 +175,10 @@ async def run(
             results["memory"] = await memory.memory(
                 ctx, plan.memory_pending, plan.memory_in_flight, plan.memory_seconds
             )
+        if "ordered" in chosen:
+            results["ordered"] = await ordered.ordered(
+                ctx, plan.ordered_deliveries, plan.ordered_entities
+            )
     report = Report(
         machine=_machine(),
         plan=asdict(plan),
@@ -242,6 +249,12 @@ def targets(r: Report) -> list[Target]:
             r.memory.rss_peak_mb if r.memory else None,
             "< 250",
             None if r.memory is None else r.memory.rss_peak_mb < 250,
+        ),
+        at_least(
+            "ordered: entity-ordered / unordered deliveries/s",
+            r.ordered.ratio if r.ordered else None,
+            0.8,
+            ">= 0.8",
         ),
     ]
 
@@ -339,6 +352,21 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
         rows += [
             ("memory: pending / in flight (seen)", f"{m.pending:,} / {m.max_in_flight_seen}"),
             ("memory: RSS before / peak, MB", f"{m.rss_before_mb} / {m.rss_peak_mb}"),
+        ]
+    if o := r.ordered:
+        rows += [
+            ("ordered: deliveries per run (entities)", f"{o.deliveries:,} ({o.entities:,})"),
+            (
+                "ordered: unordered / ordered / unordered deliveries/s",
+                " / ".join(f"{p.per_s:g}" for p in o.runs),
+            ),
+            ("ordered: ratio to unordered", o.ratio),
+            (
+                "ordered: mean claim / record / release statement, ms (each run)",
+                " | ".join(
+                    f"{p.claim_mean_ms} / {p.record_mean_ms} / {p.release_mean_ms}" for p in o.runs
+                ),
+            ),
         ]
     rows.append(("wall time, s", r.wall_seconds))
     return rows

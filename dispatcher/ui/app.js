@@ -121,7 +121,7 @@ function statusTone(status) {
   if (status === "delivered") return "ok";
   if (status === "failed" || status === "expired") return "bad";
   if (status === "paused") return "off";
-  return "wait"; // pending, sending, retrying
+  return "wait"; // pending, sending, retrying, waiting
 }
 
 function outcomeTone(outcome) {
@@ -694,7 +694,12 @@ function deliveryRow(d) {
   const open = state.expanded.has(d.id);
   const finished = FINISHED.has(d.status);
   const watching = state.watching.has(d.id);
-  const next = d.status === "retrying" && d.next_attempt_at ? `next ${formatTime(d.next_attempt_at)}` : null;
+  const next =
+    d.status === "retrying" && d.next_attempt_at
+      ? `next ${formatTime(d.next_attempt_at)}`
+      : d.waiting_behind
+        ? `waiting behind delivery ${d.waiting_behind}` // ordering: after its key's head
+        : null;
   return h(
     "tr",
     {
