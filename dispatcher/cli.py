@@ -178,10 +178,14 @@ async def _bench(settings: config.Settings, args: argparse.Namespace) -> None:
         memory_pending=args.memory_pending,
         memory_in_flight=args.memory_in_flight,
         ordered_deliveries=args.ordered_deliveries,
+        daemon=args.daemon,
     )
-    report = await bench.run(
-        settings, plan, database_url=args.database_url, progress=sys.stderr.isatty()
-    )
+    try:
+        report = await bench.run(
+            settings, plan, database_url=args.database_url, progress=sys.stderr.isatty()
+        )
+    except bench.BenchError as exc:
+        raise StartupError(str(exc)) from None
     bench.print_report(report, args.json)
 
 
@@ -250,7 +254,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--memory-pending", type=int, default=1_000_000)
     bench.add_argument("--memory-in-flight", type=int, default=1_000)
-    bench.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    bench.add_argument(
+        "--database-url",
+        help="run against this PostgreSQL instead of an embedded one: the bench creates a "
+        "scratch database there and drops it after (without CREATEDB: the dispatcher schema "
+        "in the given database, only if it has none)",
+    )
+    bench.add_argument(
+        "--daemon",
+        choices=("inprocess", "process"),
+        default="inprocess",
+        help="burn-down: the daemon in the bench's process with its concurrency set to "
+        "--concurrency (default), or a separate `dispatcher run` with default settings",
+    )
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser
 

@@ -1,10 +1,13 @@
 """`dispatcher bench`: the daemon against a plain HTTP client, and its targets, in one run.
 
-It starts an embedded PostgreSQL (or uses a given URL) and a cheap receiver on 127.0.0.1 in
-its own process. The ceiling posts the same body with a plain aiohttp client and nothing
-else; each scenario (a module of this package) publishes in SQL and lets the real daemon code,
-in this process, claim, sign, send and record. Loopback only; the default run stays under
-two minutes on a 2-core machine.
+It starts an embedded PostgreSQL with durable settings (or, given `--database-url`, creates
+a scratch database on that server and drops it after) and a raw-protocol receiver on
+127.0.0.1 in its own process, whose own cost per request is a few microseconds. The ceiling
+posts the same body with a plain aiohttp client and nothing else; each scenario (a module of
+this package) publishes in SQL and lets the real daemon code claim, sign, send and record:
+in this process, or for the burn-down optionally as a separate `dispatcher run` with default
+settings (`--daemon process`). Loopback only; the default run stays under two minutes on a
+2-core machine.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from itertools import zip_longest
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import asyncpg
@@ -33,11 +37,16 @@ from .. import config
 from ..app import EMBEDDED_DATABASE, apply_migrations
 from ..embedded import EmbeddedPostgres
 from ..envelope import Message, render
-from . import burn, ceiling, faulty, kit, memory, ordered, retries, steady
+from . import burn, ceiling, faulty, kit, memory, ordered, receiver, retries, steady
 from .cpu import postmaster_of
 
 SCENARIOS = ("burn", "steady", "faulty", "retries", "memory", "ordered")
 DEFAULT_SCENARIOS = ("burn", "steady", "faulty", "retries")
+DAEMON_MODES = burn.DAEMON_MODES
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run as asked (the message says why); nothing was changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,8 @@ class Plan:
     memory_seconds: float = 10.0
     ordered_deliveries: int = 50_000  # per run (three runs: unordered, ordered, unordered)
     ordered_entities: int = 1_000
+    # How the burn-down runs the daemon: in this process, or as `dispatcher run` (defaults).
+    daemon: str = "inprocess"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,9 @@ class Report:
     memory: memory.Memory | None = None
     ordered: ordered.Ordered | None = None
     targets: list[Target] = field(default_factory=list)
+    # The server measured: where it runs, its version and durability settings, and the
+    # scratch database (or schema) the run used.
+    database: dict[str, Any] = field(default_factory=dict)
 
 
 def _machine() -> dict[str, Any]:
@@ -101,14 +115,21 @@ async def run(
     unknown = set(plan.scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS}")
+    if plan.daemon not in DAEMON_MODES:
+        raise ValueError(f"unknown daemon mode: {plan.daemon}; choose from {DAEMON_MODES}")
     wall = time.perf_counter()
     async with AsyncExitStack() as stack:
         if database_url:
-            dsn = database_url
+            if progress:
+                sys.stderr.write("creating a scratch database...\r")
+            dsn, scratch = await _scratch(stack, database_url)
+            where = "external"
         else:
             base = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
             stack.callback(shutil.rmtree, base, True)
-            server = EmbeddedPostgres(base)
+            # Durable, as a user's server runs: fsync, synchronous_commit and
+            # full_page_writes stay on (fast_unsafe is for the test suite's clusters).
+            server = EmbeddedPostgres(base, fast_unsafe=False)
             if progress:
                 sys.stderr.write("starting an embedded PostgreSQL...\r")
             admin = await asyncio.to_thread(server.start)
@@ -117,13 +138,15 @@ async def run(
             await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
             await conn.close()
             dsn = server.dsn(EMBEDDED_DATABASE)
+            scratch = {"scratch": f"a throwaway embedded cluster, database {EMBEDDED_DATABASE}"}
+            where = "embedded"
 
         mp = multiprocessing.get_context("spawn")
         ports: Queue[int] = mp.Queue()
-        receiver = mp.Process(target=kit.receiver_main, args=(ports,), daemon=True)
-        receiver.start()
-        stack.callback(receiver.join, 10)
-        stack.callback(receiver.terminate)
+        listener = mp.Process(target=receiver_main, args=(ports,), daemon=True)
+        listener.start()
+        stack.callback(listener.join, 10)
+        stack.callback(listener.terminate)
         port = await asyncio.to_thread(ports.get, True, 30)
 
         settings = replace(
@@ -146,15 +169,18 @@ async def run(
             plan.concurrency,
             kit.Progress(progress),
         )
-        ctx.statements = await kit.statements_ready(conn)
-        ctx.receiver_pid = receiver.pid
+        # In a scratch schema of someone's database, create no extension there.
+        ctx.statements = await kit.statements_ready(conn, create="schema" not in scratch["scratch"])
+        ctx.receiver_pid = listener.pid
         ctx.postmaster = await postmaster_of(conn)
+        database = {"server": where, **scratch, **await _server_settings(conn)}
+        database["pg_stat_statements"] = ctx.statements
         results: dict[str, Any] = {}
         chosen = set(plan.scenarios)
         if "burn" in chosen:
             half = max(1, plan.deliveries // 2)
             before = await ceiling.ceiling(ctx, _body(), half)
-            burned = await burn.burn(ctx, plan.deliveries)
+            burned = await burn.burn(ctx, plan.deliveries, plan.daemon)
             after = await ceiling.ceiling(ctx, _body(), max(1, plan.deliveries - half))
             results["ceiling"] = ceiling.both_sides(before, after)
             results["burn"] = replace(
@@ -183,9 +209,69 @@ async def run(
         machine=_machine(),
         plan=asdict(plan),
         wall_seconds=round(time.perf_counter() - wall, 1),
+        database=database,
         **results,
     )
     return replace(report, targets=targets(report))
+
+
+receiver_main = receiver.serve
+
+
+async def _scratch(stack: AsyncExitStack, url: str) -> tuple[str, dict[str, str]]:
+    """A scratch database on the server at `url`, dropped when the stack closes; the bench
+    writes nowhere else. A role that may not create databases gets the `dispatcher` schema
+    in the given database instead, dropped after, but only where there is none yet: a
+    database that already holds one is someone's, and the bench refuses to touch it."""
+    parts = urlsplit(url)
+    if "://" not in url or not parts.scheme.startswith("postgres"):
+        raise BenchError("--database-url must be a postgresql://user@host:port/database URL")
+    name = f"dispatcher_bench_{uuid4().hex[:12]}"
+    conn = await asyncpg.connect(url)
+    try:
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.InsufficientPrivilegeError:
+            if await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 'dispatcher'"):
+                raise BenchError(
+                    "--database-url: this role may not create databases and the database "
+                    "already has a dispatcher schema; the bench will not touch it (grant "
+                    "CREATEDB, or give an empty database)"
+                ) from None
+            stack.push_async_callback(_drop_schema, url)
+            return url, {"scratch": "schema dispatcher in the given database (no CREATEDB)"}
+    finally:
+        await conn.close()
+    stack.push_async_callback(_drop_database, url, name)
+    return urlunsplit(parts._replace(path=f"/{name}")), {"scratch": f"database {name}"}
+
+
+async def _drop_database(url: str, name: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        # FORCE: a daemon connection still closing must not leave the scratch database behind.
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _drop_schema(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DROP SCHEMA IF EXISTS dispatcher CASCADE")
+    finally:
+        await conn.close()
+
+
+_SHOWN = ("fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers")
+
+
+async def _server_settings(conn: asyncpg.Connection) -> dict[str, Any]:
+    """The server's version and the settings that decide what a commit costs."""
+    found: dict[str, Any] = {"version": await conn.fetchval("/*bench*/ SHOW server_version")}
+    for name in _SHOWN:
+        found[name] = await conn.fetchval(f"/*bench*/ SHOW {name}")
+    return found
 
 
 def _body() -> bytes:
@@ -200,7 +286,7 @@ def _body() -> bytes:
             "bench",
             None,
             datetime.now(UTC),
-            kit.PAYLOAD_TEXT,
+            kit.BURN_PAYLOAD_TEXT,
         ),
         time.time_ns(),
     )
@@ -259,8 +345,39 @@ def targets(r: Report) -> list[Target]:
     ]
 
 
+def _split(*values: float | None) -> str:
+    """'a / b / c = total', '-' for what was not measured."""
+    shown = ["-" if v is None else f"{v:g}" for v in values]
+    return " / ".join(shown[:-1]) + " = " + shown[-1]
+
+
+def _daemon(b: burn.Burn) -> str:
+    s = b.daemon_settings
+    how = "`dispatcher run`, defaults" if b.daemon == "process" else "in the bench's process"
+    extra = ""
+    if b.bench_cpu_us_per_delivery is not None:
+        extra = f", bench polling {b.bench_cpu_us_per_delivery:g} us/delivery"
+    return (
+        f"{how} (max_in_flight {s.get('max_in_flight')}, "
+        f"max_per_endpoint {s.get('max_per_endpoint')}{extra})"
+    )
+
+
+def _server(d: dict[str, Any]) -> str:
+    if not d:
+        return "-"
+    return (
+        f"{d.get('server')} PostgreSQL {d.get('version')}, fsync {d.get('fsync')}, "
+        f"synchronous_commit {d.get('synchronous_commit')}, "
+        f"full_page_writes {d.get('full_page_writes')}"
+    )
+
+
 def _rows(r: Report) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [("concurrency", r.plan["concurrency"])]
+    rows: list[tuple[str, Any]] = [
+        ("PostgreSQL", _server(r.database)),
+        ("concurrency", r.plan["concurrency"]),
+    ]
     if r.ceiling:
         rows += [
             ("ceiling: plain aiohttp client, POST/s", r.ceiling.per_s),
@@ -270,13 +387,30 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             ),
             ("ceiling: client CPU s per POST", r.ceiling.cpu_seconds_per_post),
             ("ceiling: receiver CPU us per POST", r.ceiling.receiver_cpu_us_per_post),
+            (
+                "ceiling: CPU us per POST, client / PostgreSQL / receiver = total",
+                _split(
+                    r.ceiling.client_cpu_us_per_post,
+                    r.ceiling.postgres_cpu_us_per_post,
+                    r.ceiling.receiver_cpu_us_per_post,
+                    r.ceiling.total_cpu_us_per_post,
+                ),
+            ),
         ]
     if b := r.burn:
         rows += [
-            ("burn: deliveries", b.deliveries),
+            ("burn: daemon", _daemon(b)),
+            ("burn: deliveries", f"{b.deliveries} (payload {b.payload_bytes} B)"),
             ("burn: publish + fan-out, s", b.publish_seconds),
             ("burn: dispatcher deliveries/s", b.per_s),
             ("burn: ratio to ceiling", b.ratio_to_ceiling),
+            ("burn: commit to last delivery, s", b.commit_to_last_s),
+            ("burn: commit to first delivery, ms", b.first_delivery_ms),
+            (
+                "burn: ramp, commit to within 10% of peak rate, s (peak/s)",
+                f"{b.ramp_s} ({b.peak_per_s})",
+            ),
+            ("burn: commit to every outcome recorded, s", b.drain_seconds),
             ("burn: due-to-send lag p50 / p99, ms", f"{b.lag_p50_ms} / {b.lag_p99_ms}"),
             ("burn: SQL statements per delivery", b.statements_per_delivery),
             ("burn: WAL bytes per delivery (incl. publish)", b.wal_bytes_per_delivery),
@@ -284,6 +418,15 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             (
                 "burn: PostgreSQL / receiver CPU us per delivery",
                 f"{b.postgres_cpu_us_per_delivery} / {b.receiver_cpu_us_per_delivery}",
+            ),
+            (
+                "burn: CPU us per delivery, daemon / PostgreSQL / receiver = total",
+                _split(
+                    b.daemon_cpu_us_per_delivery,
+                    b.postgres_cpu_us_per_delivery,
+                    b.receiver_cpu_us_per_delivery,
+                    b.total_cpu_us_per_delivery,
+                ),
             ),
             ("burn: mean claim / record statement, ms", f"{b.claim_mean_ms} / {b.record_mean_ms}"),
             (f"burn: mean requests in flight (of {r.plan['concurrency']})", b.mean_in_flight),

@@ -70,3 +70,17 @@ def server_seconds(postmaster: int) -> float | None:
     for child in _children(postmaster):
         total += process_seconds(child) or 0.0
     return total
+
+
+def rss_of(pid: int) -> tuple[float, float]:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in MB (0 if gone)."""
+    now = peak = 0.0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return now, peak

@@ -1,5 +1,5 @@
-"""What the bench's scenarios share: the loopback receiver, the context, the cost meter, and
-helpers to subscribe, publish, drain and measure.
+"""What the bench's scenarios share: the context, the cost meter, the receiver's counters,
+and helpers to subscribe, publish, drain and measure.
 
 Every statement the bench itself runs starts with `/*bench*/`, so pg_stat_statements can
 count the daemon's statements alone.
@@ -12,13 +12,12 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, replace
-from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
-from aiohttp import web
 
 from .. import config
 from ..signing import new_secret
@@ -26,48 +25,26 @@ from .cpu import process_seconds, server_seconds
 
 PAYLOAD = {"id": "p-1", "sku": "COFFEE-250G", "name": "Premium Coffee Beans", "price": 12.5}
 PAYLOAD_TEXT = orjson.dumps(PAYLOAD).decode()
+# The burn-down's (and the ceiling's) event: about 1 KB of JSON, the size of a product update
+# a shop sends, so that per-byte costs (signing, WAL, the socket) weigh as they do for users.
+# The other scenarios keep the small one: the memory scenario publishes a million.
+BURN_PAYLOAD = {
+    **PAYLOAD,
+    "currency": "EUR",
+    "stock": 148,
+    "tags": ["coffee", "beans", "arabica", "fair-trade", "organic"],
+    "description": (
+        "Whole arabica beans from a single estate, roasted medium-dark in small batches "
+        "and packed within a day of roasting. Notes of cocoa, hazelnut and a little citrus; "
+        "made for espresso, good in a filter. Keep sealed, away from light and heat, and "
+        "grind just before brewing for the best cup. "
+    )
+    * 2,
+    "origin": {"country": "Ethiopia", "region": "Yirgacheffe", "altitude_m": 1900},
+    "variants": [{"sku": f"COFFEE-250G-{g}", "grind": g, "price": 12.5} for g in ("whole", "fine")],
+}
+BURN_PAYLOAD_TEXT = orjson.dumps(BURN_PAYLOAD).decode()
 TAG = "/*bench*/ "
-HANG_SECONDS = 30.0  # a hanging endpoint answers after this (the subscription times out first)
-
-
-# The receiver ------------------------------------------------------------------------------
-
-
-def receiver_main(ports: Queue[int]) -> None:
-    """A cheap receiver in its own process. The first path segment picks the behaviour:
-    /ok 200, /fail 500, /hang never answers in time, /slow answers after 2 s, /flaky answers
-    500 to the first attempt of each message (by webhook-id) and 200 to the next."""
-    import uvloop
-
-    seen: set[str] = set()
-
-    async def handle(request: web.Request) -> web.Response:
-        await request.read()
-        kind = request.match_info["kind"]
-        if kind == "fail":
-            return web.Response(status=500, text="no")
-        if kind == "hang":
-            await asyncio.sleep(HANG_SECONDS)
-        elif kind == "slow":
-            await asyncio.sleep(2.0)
-        elif kind == "flaky":
-            msg = request.headers.get("webhook-id", "")
-            if msg not in seen:
-                seen.add(msg)
-                return web.Response(status=500, text="not yet")
-            seen.discard(msg)
-        return web.Response(text="ok")
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/{kind}/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
-        ports.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
-
-    uvloop.run(main())
 
 
 # Progress ------------------------------------------------------------------------------------
@@ -120,16 +97,19 @@ TABLES = ("deliveries", "deliveries_done", "attempts", "events")
 
 @dataclass(frozen=True, slots=True)
 class Costs:
-    """What the database and the bench process spent during a dispatcher phase."""
+    """What the database, the daemon, the receiver and the bench spent during a phase."""
 
     statements: int | None
     wal_bytes: int
-    cpu_seconds: float
+    cpu_seconds: float  # the daemon's: this process's, or the `dispatcher run` process's
     postgres_cpu_seconds: float | None
     receiver_cpu_seconds: float | None
     peak_rss_mb: float
     tables_before_kb: dict[str, int]
     tables_after_kb: dict[str, int]
+    # This process's own CPU when the daemon runs in another one (None in-process: then the
+    # bench's few queries are inside cpu_seconds).
+    bench_cpu_seconds: float | None = None
 
 
 async def table_sizes(conn: asyncpg.Connection) -> dict[str, int]:
@@ -145,9 +125,11 @@ async def table_sizes(conn: asyncpg.Connection) -> dict[str, int]:
     return sizes
 
 
-async def statements_ready(conn: asyncpg.Connection) -> bool:
+async def statements_ready(conn: asyncpg.Connection, *, create: bool = True) -> bool:
+    """Whether pg_stat_statements counts here (a stock server does not preload it)."""
     try:
-        await conn.execute(TAG + "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if create:
+            await conn.execute(TAG + "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         await conn.execute(TAG + "SELECT pg_stat_statements_reset()")
     except asyncpg.PostgresError:
         return False
@@ -155,12 +137,15 @@ async def statements_ready(conn: asyncpg.Connection) -> bool:
 
 
 class Meter:
-    """Opens a measured span: statements, WAL, CPU of this process, table sizes."""
+    """Opens a measured span: statements, WAL, CPU of the daemon (this process, or
+    `daemon_pid`), of PostgreSQL and of the receiver, table sizes."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, daemon_pid: int | None = None) -> None:
         self._ctx = ctx
+        self._daemon_pid = daemon_pid
         self._lsn = ""
         self._cpu = 0.0
+        self._daemon = 0.0
         self._others: tuple[float | None, float | None] = (None, None)
         self._tables: dict[str, int] = {}
 
@@ -172,9 +157,16 @@ class Meter:
         # The insert position: with synchronous_commit off, the write position can lag behind.
         self._lsn = await conn.fetchval(TAG + "SELECT pg_current_wal_insert_lsn()::text")
         self._cpu = time.process_time()
+        self._daemon = self._daemon_seconds()
         self._others = self._ctx.other_cpu()
 
+    def _daemon_seconds(self) -> float:
+        if self._daemon_pid is None:
+            return time.process_time()
+        return process_seconds(self._daemon_pid) or 0.0
+
     async def stop(self) -> Costs:
+        daemon = self._daemon_seconds() - self._daemon
         cpu = time.process_time() - self._cpu
         postgres, receiver = _spent(self._others, self._ctx.other_cpu())
         conn = self._ctx.conn
@@ -191,12 +183,13 @@ class Meter:
         return Costs(
             statements=statements,
             wal_bytes=int(wal),
-            cpu_seconds=cpu,
+            cpu_seconds=daemon,
             postgres_cpu_seconds=postgres,
             receiver_cpu_seconds=receiver,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             tables_before_kb=self._tables,
             tables_after_kb=await table_sizes(conn),
+            bench_cpu_seconds=None if self._daemon_pid is None else cpu,
         )
 
 
@@ -245,6 +238,20 @@ async def publish(ctx: Context, environments: list[str], count: int) -> None:
         PAYLOAD_TEXT,
         count,
     )
+
+
+async def publish_calls(ctx: Context, environment: str, count: int, payload: str) -> float:
+    """`count` events published the way a service does, `dispatcher.publish(...)` per event,
+    all in one `SELECT ... FROM generate_series(...)` (one transaction); returns the
+    monotonic time right after its commit (the daemon can see nothing before it)."""
+    await ctx.conn.execute(
+        TAG + "SELECT dispatcher.publish($1, 'products.update.v0', $2::text::jsonb) "
+        "FROM generate_series(1, $3)",
+        environment,
+        payload,
+        count,
+    )
+    return time.monotonic()
 
 
 async def pending(ctx: Context, environments: list[str]) -> int:
@@ -308,6 +315,100 @@ async def first_attempt_lags(ctx: Context, environments: list[str]) -> list[floa
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
+
+
+# The receiver's counters ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The receiver's 2xx answers since its last reset (monotonic times, see receiver.py)."""
+
+    answered: int
+    first_at: float | None  # the first request's arrival
+    last_at: float | None  # the last answer
+    bucket_seconds: float
+    buckets: list[tuple[int, int]]  # (monotonic bucket number, answers in it)
+
+
+async def _receiver_call(ctx: Context, method: str, path: str) -> bytes:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, ctx.base_url + path) as response,
+    ):
+        response.raise_for_status()
+        return await response.read()
+
+
+async def receiver_reset(ctx: Context) -> None:
+    await _receiver_call(ctx, "POST", "/_reset")
+
+
+async def receiver_answered(ctx: Context) -> Answered:
+    data = orjson.loads(await _receiver_call(ctx, "GET", "/_stats"))
+    return Answered(
+        answered=int(data["answered"]),
+        first_at=data["first_at"],
+        last_at=data["last_at"],
+        bucket_seconds=float(data["bucket_seconds"]),
+        buckets=[(int(b), int(n)) for b, n in data["buckets"]],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """How the delivery rate rose after the publish's commit."""
+
+    first_delivery_s: float | None  # commit to the receiver's first request
+    ramp_s: float | None  # commit to the end of the first window within 10% of the peak
+    peak_per_s: float | None  # the highest rate over a SMOOTH-bucket window
+    series_per_s: list[float]  # answers/s in each 100 ms from the commit
+
+
+SMOOTH = 5  # buckets (500 ms): one 100 ms bucket's peak is noise on a shared 2-core VM
+
+
+def ramp(answered: Answered, since: float) -> Ramp:
+    """The rate series from `since` (the commit), its smoothed peak, and how long it took to
+    come within 10% of that peak. Each point of the smoothed series is the mean of the
+    buckets from SMOOTH-1 before it to it (fewer at the start, so that a rate at its peak
+    from the first bucket on has a ramp of one bucket)."""
+    step = answered.bucket_seconds
+    first = None if answered.first_at is None else round(answered.first_at - since, 4)
+    if not answered.buckets:
+        return Ramp(first, None, None, [])
+    start = int(since / step)
+    counts: dict[int, int] = {}
+    for bucket, n in answered.buckets:
+        counts[max(bucket - start, 0)] = counts.get(max(bucket - start, 0), 0) + n
+    last = max(counts)
+    # The last bucket is cut short by the end of the backlog: not a rate.
+    series = [counts.get(i, 0) / step for i in range(last + 1)]
+    full = series[:-1] or series
+    smooth = [
+        sum(full[max(0, i - SMOOTH + 1) : i + 1]) / len(full[max(0, i - SMOOTH + 1) : i + 1])
+        for i in range(len(full))
+    ]
+    peak = max(smooth)
+    reached = next(i for i, v in enumerate(smooth) if v >= 0.9 * peak)
+    return Ramp(first, round((reached + 1) * step, 2), round(peak, 1), [round(v) for v in series])
+
+
+async def wait_answered(ctx: Context, label: str, count: int, timeout: float) -> Answered:
+    """Poll the receiver (cheap: no database) until it has answered `count` requests."""
+    begun = time.perf_counter()
+    while True:
+        seen = await receiver_answered(ctx)
+        elapsed = time.perf_counter() - begun
+        ctx.progress.show(
+            f"[{label}] {seen.answered:,}/{count:,} answered, "
+            f"{seen.answered / max(elapsed, 1e-9):,.0f}/s"
+        )
+        if seen.answered >= count:
+            return seen
+        if elapsed > timeout:
+            raise TimeoutError(f"{label}: {seen.answered}/{count} answered after {timeout:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 # The ceiling ------------------------------------------------------------------------------------
