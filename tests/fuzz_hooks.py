@@ -33,9 +33,14 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     if case.operation.path.endswith("/stats") and isinstance(query, dict) and "bucket" in query:
         # window with bucket: a whole number of buckets, at most 500 (the parameter's
         # description; JSON Schema has no way to relate two parameters).
-        bucket = query["bucket"]
-        window = query.get("window", 86_400)
-        query["window"] = bucket * min(max(window // bucket, 1), 500)
+        # Values may come as numbers or as their text (the coverage phase).
+        try:
+            bucket = int(query["bucket"])
+            window = int(query.get("window", 86_400))
+        except (TypeError, ValueError):
+            return
+        if bucket > 0:
+            query["window"] = bucket * min(max(window // bucket, 1), 500)
     body = case.body
     if not isinstance(body, dict):
         return
