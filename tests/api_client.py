@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,3 +76,14 @@ class Client:
 
     async def delete(self, path: str) -> Answer:
         return await self.call("DELETE", path)
+
+
+async def wait_status(client: Client, delivery_id: int, status: str, timeout: float = 10) -> Any:
+    """The delivery's detail once its status is `status`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await client.get(f"/v1/deliveries/{delivery_id}", "DeliveryDetail")
+        if answer.body["status"] == status:
+            return answer.body
+        assert time.monotonic() < deadline, answer.body
+        await asyncio.sleep(0.05)

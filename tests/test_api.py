@@ -16,7 +16,7 @@ import pytest
 from dispatcher import tokens
 from dispatcher.config import AdminSettings, SecuritySettings
 
-from .api_client import Client
+from .api_client import Client, wait_status
 from .helpers import Receiver, daemon, settings_for, verify_standard
 
 ADMIN_TOKEN = "admin-token-for-the-tests-0123456789"
@@ -52,16 +52,6 @@ async def api(database: str, db: asyncpg.Connection, receiver: Receiver) -> Asyn
 
 def hook(api: Api, **extra: Any) -> dict[str, Any]:
     return {"url": api.receiver.url(), "events": ["products.*"], **extra}
-
-
-async def wait_status(client: Client, delivery_id: int, status: str, timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = await client.get(f"/v1/deliveries/{delivery_id}", "DeliveryDetail")
-        if answer.body["status"] == status:
-            return answer.body
-        assert time.monotonic() < deadline, answer.body
-        await asyncio.sleep(0.05)
 
 
 async def test_subscription_crud_cycle(api: Api) -> None:

@@ -16,7 +16,7 @@ from dispatcher import tokens
 from dispatcher.config import AdminSettings
 
 from .api_client import Client
-from .helpers import Receiver, daemon, settings_for
+from .helpers import Receiver, daemon, settings_for, wait_done
 
 ADMIN_TOKEN = "admin-token-for-the-first-hour-0123456789"
 
@@ -46,13 +46,6 @@ async def api(database: str, db: asyncpg.Connection, receiver: Receiver) -> Asyn
             receiver,
             db,
         )
-
-
-async def _finished(db: asyncpg.Connection, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await db.fetchval("SELECT count(*) FROM dispatcher.deliveries_done") < count:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
 
 
 async def test_a_tilby_duplicate_is_refused_before_its_subscribed_test(api: Api) -> None:
@@ -130,7 +123,7 @@ async def test_a_manual_resend_is_not_a_retry_in_the_stats(api: Api) -> None:
         "/v1/events", {"event_name": "products.create.v0", "payload": {"n": 1}}, "Event"
     )
     assert event.status == 201
-    await _finished(api.db, 1)
+    await wait_done(api.db, 1)
     delivery = await api.db.fetchval("SELECT id FROM dispatcher.deliveries_done")
     stats = (await api.a.get(f"/v1/subscriptions/{sid}/stats", "Stats")).body
     assert stats["retries_per_delivery"] == 0
@@ -140,14 +133,14 @@ async def test_a_manual_resend_is_not_a_retry_in_the_stats(api: Api) -> None:
     while await api.db.fetchval("SELECT count(*) FROM dispatcher.attempts") < 2:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    await _finished(api.db, 1)
+    await wait_done(api.db, 1)
     stats = (await api.a.get(f"/v1/subscriptions/{sid}/stats", "Stats")).body
     assert stats["attempts"] == 2
     assert stats["retries_per_delivery"] == 0, "a resend is not a retry"
     # A real retry still counts: 500, then 200.
     api.receiver.plan("/hook", 500, then=200)
     await api.a.post("/v1/events", {"event_name": "products.create.v0", "payload": {"n": 2}})
-    await _finished(api.db, 2)
+    await wait_done(api.db, 2)
     stats = (await api.a.get(f"/v1/subscriptions/{sid}/stats", "Stats")).body
     assert stats["attempts"] == 4
     assert stats["retries_per_delivery"] == pytest.approx(0.5)
@@ -186,7 +179,7 @@ async def test_tilby_objects_inside_events_mean_their_pattern(api: Api) -> None:
     assert patched.body["events"] == ["items.delete.*"]
     # An event published under the pattern reaches the subscriber.
     await api.a.post("/v1/events", {"event_name": "sales.closed.v2", "payload": {}}, "Event")
-    await _finished(api.db, 1)
+    await wait_done(api.db, 1)
     # A bad object names the field inside it.
     for item, field in (
         ({"entity": "sales"}, "events.event_type"),

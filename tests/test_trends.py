@@ -3,11 +3,8 @@ deliveries and the queue now, against a daemon and a real receiver."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -15,7 +12,7 @@ import pytest
 
 from dispatcher import tokens
 
-from .api_client import Client
+from .api_client import Client, wait_status
 from .helpers import Receiver, daemon, publish, settings_for, subscribe, wait_done
 
 
@@ -38,16 +35,6 @@ async def env(database: str, db: asyncpg.Connection, receiver: Receiver) -> Asyn
             receiver,
             db,
         )
-
-
-async def wait_status(client: Client, delivery_id: int, status: str, timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = await client.get(f"/v1/deliveries/{delivery_id}", "DeliveryDetail")
-        if answer.body["status"] == status:
-            return answer.body
-        assert time.monotonic() < deadline, answer.body
-        await asyncio.sleep(0.05)
 
 
 async def test_stats_series_counts_attempts_by_outcome_per_bucket(env: Env) -> None:
