@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import api_deliveries, api_events, api_subscriptions, openapi, ui
-from .api import MAX_BODY, STATE, AdminState, authentication, errors, json_response
+from .api import STATE, AdminState, authentication, body_limit, errors, json_response
 
 __all__ = ["AdminState", "build"]
 
@@ -51,7 +51,10 @@ async def _resend_jobs(app: web.Application) -> AsyncIterator[None]:
 
 
 def build(state: AdminState) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors, authentication])
+    app = web.Application(
+        client_max_size=body_limit(state.settings.delivery.max_payload_bytes),
+        middlewares=[errors, authentication],
+    )
     app[STATE] = state
     app[api_deliveries.RESEND_JOBS] = api_deliveries.ResendJobs(state.pool)
     app.cleanup_ctx.append(_resend_jobs)

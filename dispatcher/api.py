@@ -24,6 +24,15 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1024 * 1024
+# Room in a request body for what goes with the payload (event name, keys, the JSON around).
+_BODY_SLACK = 64 * 1024
+
+
+def body_limit(max_payload_bytes: int) -> int:
+    """The largest request body: 1 MiB, or room for the largest payload the database takes."""
+    return max(MAX_BODY, max_payload_bytes + _BODY_SLACK)
+
+
 MAX_PAGE = 200
 T = TypeVar("T")
 
@@ -90,7 +99,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         return _error_body(exc.status, exc.code, exc.message, exc.field)
     except web.HTTPRequestEntityTooLarge:
-        return _error_body(413, "too_large", f"request body over {MAX_BODY} bytes", "body")
+        limit = body_limit(request.app[STATE].settings.delivery.max_payload_bytes)
+        return _error_body(413, "too_large", f"request body over {limit} bytes", "body")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

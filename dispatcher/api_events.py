@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 from msgspec import UnsetType
 
-from .api import body, decoded, environment_for, invalid, json_response, state
+from .api import ApiError, body, decoded, environment_for, invalid, json_response, state
 from .models import RESERVED_ENTITY, EventCreate, ImportCreate
 
 PUBLISH = "SELECT dispatcher.publish($1, $2, $3::text::jsonb, $4, $5)"
@@ -36,13 +39,29 @@ def _not_reserved(data: dict[str, Any]) -> None:
         )
 
 
+@asynccontextmanager
+async def _within_payload_limit(field: str) -> AsyncIterator[None]:
+    """The database measures every payload against [delivery] max_payload_bytes at insert
+    (sql/0012), whichever way it was published: its refusal is a 413 naming the field."""
+    try:
+        yield
+    except asyncpg.ProgramLimitExceededError as exc:
+        if exc.sqlstate != "54000":  # its subclasses: not the payload's size
+            raise
+        raise ApiError(413, "too_large", exc.message, field) from None
+
+
 async def publish(request: web.Request) -> web.Response:
     data = await body(request)
     _not_reserved(data)
     event = decoded(data, EventCreate)
     environment = environment_for(request, _or_none(event.environment_id))
     # body() has refused NUL characters, which text and jsonb cannot store.
-    async with state(request).pool.acquire() as conn, conn.transaction():
+    async with (
+        _within_payload_limit("payload"),
+        state(request).pool.acquire() as conn,
+        conn.transaction(),
+    ):
         event_id = await conn.fetchval(
             PUBLISH,
             environment,
@@ -81,9 +100,10 @@ async def publish_import(request: web.Request) -> web.Response:
     batch = decoded(data, ImportCreate)
     environment = environment_for(request, _or_none(batch.environment_id))
     entities = data["entities"]  # as sent, not as _integral read them
-    events = await state(request).pool.fetchval(
-        IMPORT, environment, batch.event_name, orjson.dumps(entities).decode()
-    )
+    async with _within_payload_limit("entities"):
+        events = await state(request).pool.fetchval(
+            IMPORT, environment, batch.event_name, orjson.dumps(entities).decode()
+        )
     return json_response({"events": events, "entities": len(entities)}, 201)
 
 

@@ -48,6 +48,9 @@ SERVER_SETTINGS = {
 # the whole table until autovacuum analyzes it: a claim took 32 s in a test with 100k rows.
 # A custom plan sizes the table from its current pages on every call. (~1 ms of planning a
 # claim of up to a few hundred rows.)
+SET_LIMITS = """
+UPDATE dispatcher.limits SET max_payload_bytes = $1 WHERE max_payload_bytes IS DISTINCT FROM $1
+"""
 WORKER_SERVER_SETTINGS = {**SERVER_SETTINGS, "plan_cache_mode": "force_custom_plan"}
 # The worker has at most a claim and a flush under way, and now and then a lookup or upkeep.
 WORKER_POOL_SIZE = 4
@@ -105,13 +108,17 @@ async def open_database(stack: AsyncExitStack, settings: Settings) -> str:
     return dsn
 
 
-async def apply_migrations(dsn: str) -> list[int]:
+async def apply_migrations(dsn: str, settings: Settings | None = None) -> list[int]:
+    """Migrate, and write the limits the database enforces ([delivery] max_payload_bytes)."""
     try:
         conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
     except (OSError, asyncpg.PostgresError) as exc:
         raise StartupError(f"cannot connect to the database: {exc}") from None
     try:
-        return await migrate.apply(conn)
+        applied = await migrate.apply(conn)
+        if settings is not None:
+            await conn.execute(SET_LIMITS, settings.delivery.max_payload_bytes)
+        return applied
     finally:
         await conn.close()
 
@@ -127,7 +134,7 @@ async def serve(
     clock = clock or Clock()
     async with AsyncExitStack() as stack:
         dsn = await open_database(stack, settings)
-        await apply_migrations(dsn)
+        await apply_migrations(dsn, settings)
         pool = await asyncpg.create_pool(
             dsn,
             min_size=settings.database.pool_min,

@@ -27,7 +27,7 @@ class Batch:
     jobs: list[tuple[float, Job]]
     # When the claim answered (monotonic), before any endpoint lookup.
     answered: float
-    # It locked a full batch: more is due.
+    # It locked a full batch, or left rows for the byte budget: more is due.
     full: bool
     # An idle endpoint's share held rows back (see queries.CLAIM): claim again at once.
     held_back: bool
@@ -54,10 +54,11 @@ class Claims:
         self._lease = lease_seconds
 
     async def take(
-        self, due_by: float, limit: int, shares: Shares, idle_share: int
+        self, due_by: float, limit: int, shares: Shares, idle_share: int, budget: int
     ) -> Batch | None:
         """Claim up to `limit` deliveries due by `due_by` (on the clock) within the
-        endpoints' shares; None when the database failed (logged and counted)."""
+        endpoints' shares and `budget` payload bytes (the first one whatever its size);
+        None when the database failed (logged and counted)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         try:
@@ -71,6 +72,7 @@ class Claims:
                 shares.busy,
                 shares.room,
                 idle_share,
+                budget,
             )
         except DB_ERRORS as exc:
             self._metrics.db_errors.labels("claim").inc()
@@ -80,6 +82,14 @@ class Claims:
         answered = loop.time()
         self._metrics.db_seconds.labels("claim").observe(answered - began)
         self._metrics.claims.inc()
+        jobs = await self.jobs_of(rows)
+        full = bool(rows) and (rows[0]["scanned"] == limit or rows[0]["taken"] < rows[0]["shared"])
+        held_back = bool(rows) and rows[0]["shared"] < rows[0]["scanned"]
+        return Batch(jobs, answered, full, held_back)
+
+    async def jobs_of(self, rows: list[asyncpg.Record]) -> list[tuple[float, Job]]:
+        """The jobs of rows leased to this instance (by a claim, or released into its lease
+        behind an ended head: queries.RELEASE_NEXT), with their due times."""
         self._metrics.claimed.inc(len(rows))
         endpoints = await self._endpoints.of(rows)
         wall = self._clock.wall_ns() / 1e9
@@ -88,9 +98,7 @@ class Claims:
             endpoint = endpoints.get(row["subscription_id"])
             if endpoint is not None:  # else deleted since the claim, with its deliveries
                 jobs.append((row["due_at"], attempt.job(row, endpoint, wall)))
-        full = bool(rows) and rows[0]["scanned"] == limit
-        held_back = bool(rows) and rows[0]["shared"] < rows[0]["scanned"]
-        return Batch(jobs, answered, full, held_back)
+        return jobs
 
     async def release(
         self, deliveries: list[int], why: str, due: list[float] | None = None

@@ -236,13 +236,14 @@ def _parser() -> argparse.ArgumentParser:
         "aiohttp client), steady (half the ceiling's rate: lag), faulty (10% of endpoints "
         "answer 500, 1% hang), retries (retries due in bulk: how late), memory (optional, "
         "longer: RSS with 1M pending and 1,000 in flight), ordered (optional: an entity-ordered "
-        "burn-down over 1,000 entities against unordered ones). Loopback only.",
+        "burn-down over 1,000 entities against unordered ones), large (optional: the daemon's "
+        "peak RSS sending 100 payloads of 10 MB published in one statement). Loopback only.",
     )
     bench.add_argument(
         "--scenarios",
         default="burn,steady,faulty,retries",
-        help="comma-separated, of burn,steady,faulty,retries,memory,ordered "
-        "(default: all but memory and ordered)",
+        help="comma-separated, of burn,steady,faulty,retries,memory,ordered,large "
+        "(default: all but memory, ordered and large)",
     )
     bench.add_argument("--deliveries", type=int, default=50_000, help="burn-down backlog")
     bench.add_argument("--concurrency", type=int, default=256)

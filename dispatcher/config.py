@@ -48,6 +48,11 @@ class DeliverySettings:
     max_in_flight: int = 512
     max_per_endpoint: int = 64
     claim_batch: int = 500
+    # The most payload bytes claimed and not yet sent (or given up) at once; a payload
+    # larger than it goes out alone.
+    claim_bytes: int = 32 * 1024 * 1024
+    # The largest payload a publish may carry, in SQL and over HTTP (sql/0012).
+    max_payload_bytes: int = 1024 * 1024
     lease_seconds: float = 90.0
     poll_interval: float = 5.0
     flush_interval: float = 0.02
@@ -179,6 +184,8 @@ def _validate(settings: Settings) -> None:
         "max_in_flight": d.max_in_flight,
         "max_per_endpoint": d.max_per_endpoint,
         "claim_batch": d.claim_batch,
+        "claim_bytes": d.claim_bytes,
+        "max_payload_bytes": d.max_payload_bytes,
         "lease_seconds": d.lease_seconds,
         "poll_interval": d.poll_interval,
         "flush_interval": d.flush_interval,
@@ -191,6 +198,11 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"[delivery] {key} must be positive, got {value}")
     if d.grace_period < 0:
         raise ConfigError(f"[delivery] grace_period must not be negative, got {d.grace_period}")
+    if d.max_payload_bytes > 1024 * 1024 * 1024:
+        raise ConfigError(
+            f"[delivery] max_payload_bytes must be at most 1 GiB (a jsonb value's limit), "
+            f"got {d.max_payload_bytes}"
+        )
     if d.response_capture_bytes < 0:
         raise ConfigError("[delivery] response_capture_bytes must not be negative")
     if d.lease_seconds <= d.timeout + 5:

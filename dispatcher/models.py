@@ -578,6 +578,13 @@ class Delivery(Struct, kw_only=True):
     test: Annotated[
         bool, Meta(description="Sent by POST /v1/subscriptions/{id}/test; not in stats.")
     ] = False
+    waiting_behind: Annotated[
+        int | None,
+        Meta(
+            description="A waiting delivery's (ordering): its key's head, the delivery it "
+            "goes out after."
+        ),
+    ] = None
 
 
 class RequestHeader(Struct):
@@ -586,8 +593,6 @@ class RequestHeader(Struct):
     name: str
     value: str
     masked: bool
-    # A "waiting" delivery's key's head, the delivery it goes out after (ordering).
-    waiting_behind: int | None = None
 
 
 class Attempt(Struct):

@@ -4,25 +4,29 @@
 # them at most a per-subscription share: $6/$7 give the room left for subscriptions this
 # instance already sends to, others (idle here: a slow start) at most $8, or their lower
 # "max_in_flight" setting; subscriptions with no room are skipped ($4), as are rows other
-# instances hold. `scanned` and `shared` (on every row) count the rows locked and those
-# within the shares: when the first reaches $2, or the second falls short of it, more may be
-# due. The lease is the due time itself: it is pushed $3 seconds ahead, so a row whose owner
-# died becomes due again with no sweeper. $1 is the daemon's clock (unix seconds), the clock
-# that set the retry times, plus a short look-ahead: rows due within it come back with their
-# due time and are started at it, not a claim's round trip after it. A delivery waiting
-# behind the head of its ordering key is not claimable (sql/0010: the index leaves it out);
-# `order_key` tells the recorder which claimed rows are heads.
+# instances hold. Of those, the earliest whose payloads fit in $9 bytes (the first always:
+# a payload larger than the whole budget goes out alone); sizes are measured at publish
+# (sql/0012). `scanned`, `shared` and `taken` (on every row) count the rows locked, those
+# within the shares and those within the bytes: when the first reaches $2, or a later one
+# falls short of the one before, more may be due. The lease is the due time itself: it is
+# pushed $3 seconds ahead, so a row whose owner died becomes due again with no sweeper. $1
+# is the daemon's clock (unix seconds), the clock that set the retry times, plus a short
+# look-ahead: rows due within it come back with their due time and are started at it, not
+# a claim's round trip after it. A delivery waiting behind the head of its ordering key is
+# not claimable (sql/0010: the index leaves it out); `order_key` tells the recorder which
+# claimed rows are heads, `order_seq` where the next one of the key starts.
 CLAIM = """
 WITH due AS (
-    SELECT id, subscription_id, due_at FROM dispatcher.deliveries
+    SELECT id, subscription_id, due_at, event_id, event_created_at
+    FROM dispatcher.deliveries
     WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND NOT waiting
       AND subscription_id <> ALL($4::uuid[])
     ORDER BY due_at
     LIMIT $2::int
     FOR UPDATE SKIP LOCKED
 ), shared AS (
-    SELECT c.id, c.due_at FROM (
-        SELECT id, subscription_id, due_at,
+    SELECT c.id, c.due_at, c.event_id, c.event_created_at FROM (
+        SELECT due.*,
                row_number() OVER (PARTITION BY subscription_id ORDER BY due_at) AS rank
         FROM due
     ) c
@@ -30,17 +34,27 @@ WITH due AS (
     LEFT JOIN unnest($6::uuid[], $7::int[]) AS room(subscription_id, free)
       ON room.subscription_id = c.subscription_id
     WHERE c.rank <= coalesce(room.free, least((s.settings->>'max_in_flight')::int, $8::int))
+), sized AS (
+    SELECT sh.id, sh.due_at, e.event_name, e.entity_instance_id, e.created_at, e.payload,
+           b.bytes, sum(b.bytes) OVER (ORDER BY sh.due_at, sh.id) AS running
+    FROM shared sh
+    JOIN dispatcher.events e ON e.id = sh.event_id AND e.created_at = sh.event_created_at
+    CROSS JOIN LATERAL (
+        SELECT coalesce(e.payload_bytes, pg_column_size(e.payload)) AS bytes
+    ) b
+), taken AS (
+    SELECT * FROM sized WHERE running - bytes < $9::bigint
 )
 UPDATE dispatcher.deliveries d
 SET due_at = to_timestamp($1::float8 + $3::float8), lease_owner = $5
-FROM shared, dispatcher.events e, dispatcher.subscriptions s
-WHERE d.id = shared.id
-  AND e.id = d.event_id AND e.created_at = d.event_created_at
-  AND s.id = d.subscription_id
+FROM taken t, dispatcher.subscriptions s
+WHERE d.id = t.id AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
-          e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at, extract(epoch FROM shared.due_at)::float8 AS due_at, d.order_key,
-          (SELECT count(*) FROM due) AS scanned, (SELECT count(*) FROM shared) AS shared
+          t.event_name, t.entity_instance_id, t.created_at, t.payload::text AS payload,
+          s.updated_at, extract(epoch FROM t.due_at)::float8 AS due_at,
+          d.order_key, d.order_seq, t.bytes AS payload_bytes,
+          (SELECT count(*) FROM due) AS scanned, (SELECT count(*) FROM shared) AS shared,
+          (SELECT count(*) FROM taken) AS taken
 """
 
 # What the daemon caches of a subscription, by (id, updated_at): read when a claim returns
@@ -130,7 +144,31 @@ SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
 ) l
 """
 
-RELEASE_NEXT = "SELECT dispatcher.release_next($1::uuid[], $2::text[])"
+# The next one of each ended head's key ($1 subscriptions, $2 keys, $3 the heads' places),
+# released straight into this instance's lease ($6, the lease to $4 + $5 like CLAIM's) and
+# answered as CLAIM answers: a release and a later claim would be two non-HOT updates of
+# the row, this is one. `leased` is false for a paused subscription's row (released for
+# whoever claims it once it is active again) and for every row when $6 is NULL (a stopping
+# instance: released due as they were, for the others).
+RELEASE_NEXT = """
+UPDATE dispatcher.deliveries d
+SET waiting = false,
+    lease_owner = CASE WHEN d.paused THEN NULL ELSE $6::uuid END,
+    due_at = CASE WHEN d.paused OR $6::uuid IS NULL THEN d.due_at
+                  ELSE to_timestamp($4::float8 + $5::float8) END
+FROM dispatcher.next_waiting($1::uuid[], $2::text[], $3::bigint[]) AS nxt(id),
+     dispatcher.events e, dispatcher.subscriptions s
+WHERE d.id = nxt.id AND d.waiting
+  AND e.id = d.event_id AND e.created_at = d.event_created_at
+  AND s.id = d.subscription_id
+RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
+          e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
+          s.updated_at, $4::float8 AS due_at, d.order_key, d.order_seq,
+          coalesce(e.payload_bytes, pg_column_size(e.payload)) AS payload_bytes,
+          d.lease_owner IS NOT NULL AS leased
+"""
+
+NOTIFY_WORK = "SELECT pg_notify('dispatcher_work', '')"
 
 # Failure mails for a batch of outcomes (see sql/0004_profiles.sql).
 QUEUE_EMAILS = """

@@ -49,9 +49,21 @@ class Result:
     # and the subscription's failing_threshold (None: no delivery_failing events).
     event_name: str = ""
     failing_threshold: int | None = None
-    # The delivery's ordering key (sql/0010), None when unordered: a finished one releases
-    # the next of its key.
+    # The delivery's ordering key and place in it (sql/0010), None when unordered: a
+    # finished one releases the next of its key, the first after its place.
     order_key: str | None = None
+    order_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leasing:
+    """How the recorder takes the deliveries it releases behind ended heads (ordering): into
+    this instance's lease, `seconds` from `clock()` (the daemon's clock), handed to `take`
+    as claimed rows (queries.RELEASE_NEXT) once their transaction committed."""
+
+    clock: Callable[[], float]
+    seconds: float
+    take: Callable[[list[asyncpg.Record]], None]
 
 
 class Recorder:
@@ -73,8 +85,13 @@ class Recorder:
         on_flushed: Callable[[list[Result]], None],
         failures: FailureLog | None = None,
         outage: Outage | None = None,
+        leasing: Leasing | None = None,
     ) -> None:
         self._outage = outage or Outage()
+        self._leasing = leasing
+        # False (a stopping instance): released deliveries are left for any instance.
+        self.lease_released = leasing is not None
+        self._released: list[asyncpg.Record] = []
         self._pool = pool
         self._owner = owner
         self._timer = timer
@@ -137,6 +154,7 @@ class Recorder:
                         # Their leases run out and the deliveries are sent again: at least once.
                         log.error("record.abandoned", results=len(batch), error=str(exc))
                         self._on_flushed(batch)
+                        self._hand_over()
                         return
                     log.debug("record.retrying", results=len(batch), retry_in=delay)
                     if isinstance(exc, asyncpg.InternalClientError):
@@ -148,6 +166,13 @@ class Recorder:
         self._account(batch)
         self._failures.note(batch)
         self._on_flushed(batch)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the worker what this flush released into its lease (committed ones only)."""
+        released, self._released = self._released, []
+        if released and self._leasing is not None:
+            self._leasing.take(released)
 
     async def _write_isolating(self, batch: list[Result]) -> None:
         """Write the batch; a result the database refuses for good is set aside alone.
@@ -185,13 +210,14 @@ class Recorder:
         # Rare: what an answer does to its subscription, failure mails, Retry-After and the
         # operational events of failures and the end of an ordered key's head, commit with
         # the outcomes or not at all.
+        released: list[asyncpg.Record] = []
         async with self._pool.acquire() as conn, conn.transaction():
             keys = ([r.subscription_id for r in heads], [r.order_key for r in heads])
             if heads:
                 await conn.execute(queries.HOLD_KEYS, *keys)
             await self._record(conn, batch)
             if heads:
-                await conn.execute(queries.RELEASE_NEXT, *keys)
+                released = await self._release_next(conn, heads)
             if honoured:
                 await conn.execute(
                     queries.NOTE_RETRY_AFTER,
@@ -247,6 +273,7 @@ class Recorder:
                 # A delete leaves no row for the active trigger: endpoint_disabled from here.
                 await conn.execute(queries.PUBLISH_DELETED, delete)
                 await conn.execute(queries.DELETE_SUBSCRIPTIONS, delete)
+        self._released += [row for row in released if row["leased"]]
         if streaks:
             self.streaks.settle(streaks)
         for r in actions:
@@ -258,6 +285,25 @@ class Recorder:
                 subscription_id=str(r.subscription_id),
                 status=r.outcome.status,
             )
+
+    async def _release_next(
+        self, conn: asyncpg.Connection, heads: list[Result]
+    ) -> list[asyncpg.Record]:
+        """Release the next delivery of each ended head's key: into this instance's lease
+        while it takes them, else for any instance (which a NOTIFY wakes)."""
+        leasing = self._leasing if self.lease_released else None
+        rows: list[asyncpg.Record] = await conn.fetch(
+            queries.RELEASE_NEXT,
+            [r.subscription_id for r in heads],
+            [r.order_key for r in heads],
+            [r.order_seq for r in heads],
+            leasing.clock() if leasing is not None else 0.0,
+            leasing.seconds if leasing is not None else 0.0,
+            self._owner if leasing is not None else None,
+        )
+        if rows and leasing is None:
+            await conn.execute(queries.NOTIFY_WORK)
+        return rows
 
     async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
         began = time.perf_counter()

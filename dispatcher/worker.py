@@ -30,7 +30,7 @@ from .flow import Flow
 from .metrics import Metrics
 from .profiles import ErrorRateLimit
 from .ready import ReadyQueue
-from .record import Recorder, Result
+from .record import Leasing, Recorder, Result
 from .schedule import Clock, WakeTimer, Wakeup
 from .send import Sender
 
@@ -78,6 +78,7 @@ class Worker:
             max_batch=min(settings.flush_max, self._batch),
             on_flushed=self._recorded,
             outage=outage,
+            leasing=Leasing(self._clock, settings.lease_seconds, self._take_released),
         )
         endpoints = Endpoints(pool, settings, security, metrics, outage, egress)
         self._claims = Claims(
@@ -102,11 +103,16 @@ class Worker:
         self._claim_backoff = Backoff()
         self._no_claim_before = 0.0
         self._in_flight = 0
+        # Payload bytes of the jobs claimed and not finished (ready, held or in flight):
+        # no claim while they reach [delivery] claim_bytes.
+        self._held_bytes = 0
         # Outcomes handed to the recorder and not yet written (their leases are still ours).
         self._unrecorded = 0
         # Subscriptions the last claim skipped as full (a freed slot asks for a claim again).
         self._skipped: set[UUID] = set()
         self._tasks: dict[asyncio.Task[None], Job] = {}
+        # Rows the recorder released into our lease, on their way to the ready queue.
+        self._taking: set[asyncio.Task[None]] = set()
         # Subscriptions with an error-rate limit that failed since upkeep last asked.
         self._failing: dict[UUID, ErrorRateLimit] = {}
         self._lookahead = _LOOKAHEAD * self._clock.rate  # in the clock's seconds
@@ -116,6 +122,11 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes claimed and not finished (counted against claim_bytes)."""
+        return self._held_bytes
 
     def notify(self) -> None:
         """New work may be due (NOTIFY, reconnect, reactivation, the safety poll)."""
@@ -158,8 +169,14 @@ class Worker:
 
     def _claimable(self) -> int:
         """How many deliveries a claim may take: the free slots plus a batch to have ready,
-        less what is claimed and not started yet."""
+        less what is claimed and not started yet; none while the claimed payloads fill
+        claim_bytes."""
+        if self._held_bytes >= self._settings.claim_bytes:
+            return 0
         return self._free_slots() + self._batch - len(self._queue)
+
+    def _bytes_left(self) -> int:
+        return self._settings.claim_bytes - self._held_bytes
 
     def _claim_now(self, room: int, mono: float, urgent: bool) -> bool:
         """Whether the loop claims now: wanted, with room, not backing off after a failed
@@ -189,6 +206,7 @@ class Worker:
                     stale = self._queue.stale(mono)
                     if stale:
                         self._flow.dropped(job.message.subscription_id for job in stale)
+                        self._held_bytes -= sum(job.size for job in stale)
                         self._ask()
                         # Back due now, or, for an endpoint that asked to wait, when it ends.
                         now = self._clock()
@@ -230,7 +248,9 @@ class Worker:
         # Consumed before the query: a NOTIFY or a freed slot during the await sets it again.
         self._want_claim = False
         due_by = now + self._lookahead
-        batch = await self._claims.take(due_by, limit, shares, self._flow.idle_share())
+        batch = await self._claims.take(
+            due_by, limit, shares, self._flow.idle_share(), self._bytes_left()
+        )
         if batch is None:
             # The database is away: the next try after 100 ms, doubling up to 5 s.
             self._ask()
@@ -249,9 +269,13 @@ class Worker:
         if batch.held_back:
             self._ask()
             self._next_claim = mono
+        await self._admit(batch.jobs, mono, now)
+
+    async def _admit(self, jobs: list[tuple[float, Job]], mono: float, now: float) -> None:
+        """Make leased jobs ready (or hold them to their due time) and start what fits."""
         excess: list[int] = []
         early = False
-        for due, job in batch.jobs:
+        for due, job in jobs:
             if due > now:
                 self._queue.hold(due, job)
                 early = True
@@ -259,6 +283,8 @@ class Worker:
                 self._make_ready(job, mono, now)
             else:
                 excess.append(job.message.delivery_id)
+                continue
+            self._held_bytes += job.size
         if early:
             self._arm_early()
         self._fill()
@@ -267,6 +293,32 @@ class Worker:
             # instance has room for it first.
             self._ask()
             await self._claims.release(excess, "excess")
+
+    def _take_released(self, rows: list[asyncpg.Record]) -> None:
+        """The recorder released these into our lease (the next ones of ordered keys)."""
+        task = asyncio.create_task(self._admit_released(rows))
+        self._taking.add(task)
+        task.add_done_callback(self._taking.discard)
+
+    async def _admit_released(self, rows: list[asyncpg.Record]) -> None:
+        """As many as a claim could take now; the rest back for any instance (they would
+        wait here for slots while another instance has them free)."""
+        jobs = await self._claims.jobs_of(rows)
+        keep = 0 if self._stopping else max(self._claimable(), 0)
+        room = self._bytes_left()
+        for n, (_, job) in enumerate(jobs[:keep]):
+            if job.size > room and (n or self._held_bytes):
+                keep = n
+                break
+            room -= job.size
+        if len(jobs) > keep:
+            self._ask()
+            await self._claims.release(
+                [job.message.delivery_id for _, job in jobs[keep:]],
+                "stop" if self._stopping else "excess",
+            )
+        if keep:
+            await self._admit(jobs[:keep], asyncio.get_running_loop().time(), self._clock())
 
     def _make_ready(self, job: Job, mono: float, now: float) -> None:
         self._flow.queued(job.message.subscription_id, job.cap, now)
@@ -314,6 +366,8 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         job = self._tasks.pop(task)
+        self._held_bytes -= job.size
+        self._maybe_wake()  # its bytes may be what kept the next claim waiting
         if task.cancelled() or task.exception() is not None:
             # No outcome will be recorded for it: free its slot now.
             if not task.cancelled():
@@ -386,6 +440,7 @@ class Worker:
         """Let in-flight requests finish within the grace period; release what did not, and
         what was claimed ahead and never started."""
         self._stopping = True  # also when the loop died: _fill starts nothing more
+        self.recorder.lease_released = False
         if self._early_timer is not None:
             self._early_timer.cancel()
         ready, early = self._queue.clear()
@@ -411,3 +466,5 @@ class Worker:
         if unsent:
             await self._claims.release(unsent, "stop", due)
         await self.recorder.flush(give_up_after=self._settings.grace_period)
+        # Released into our lease by a flush before the stop: handed back.
+        await asyncio.gather(*self._taking, return_exceptions=True)

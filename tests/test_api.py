@@ -234,6 +234,8 @@ async def test_pagination_walks_every_item_once(api: Api) -> None:
         ({"url": "http://127.0.0.1:1/h", "events": ["*"], "name": "x" * 201}, 422, "name"),
         ({"url": "http://127.0.0.1:1/h", "events": ["*"], "active": "yes"}, 422, "active"),
         ({"url": "http://127.0.0.1:1/h", "events": ["*"], "colour": "red"}, 422, "colour"),
+        ({"url": "http://127.0.0.1:1/h", "events": ["*"], "ordering": "fifo"}, 422, "ordering"),
+        ({"url": "http://127.0.0.1:1/h", "events": ["*"], "ordering": 1}, 422, "ordering"),
         ([1, 2], 400, "body"),
     ],
 )
@@ -501,3 +503,34 @@ async def test_secret_rotation_signs_with_both_secrets_until_the_old_one_expires
     )
     assert bad.status == 422
     assert bad.body["error"]["field"] == "grace_seconds"
+
+
+async def test_ordering_is_a_setting_and_the_history_shows_who_a_delivery_waits_behind(
+    api: Api,
+) -> None:
+    # The head fails and retries in an hour: the line behind it stays as published.
+    api.receiver.plan("/hook", then=500)
+    created = await api.a.post(
+        "/v1/subscriptions", hook(api, ordering="entity", retry={"delays": [3600]}), "Subscription"
+    )
+    assert created.status == 201, created.body
+    assert created.body["settings"]["ordering"] == "entity"
+    sid = created.body["id"]
+    for n in range(3):
+        published = await api.a.post(
+            "/v1/events",
+            {"event_name": "products.update.v0", "entity_instance_id": "p-1", "payload": {"n": n}},
+        )
+        assert published.status == 201, published.body
+    waiting = await api.a.get(
+        "/v1/deliveries", "DeliveryPage", subscription_id=sid, status="waiting"
+    )
+    assert waiting.status == 200
+    items = waiting.body["items"]
+    assert len(items) == 2
+    head = min(item["waiting_behind"] for item in items)
+    assert all(item["waiting_behind"] == head for item in items)
+    one = await api.a.get(f"/v1/deliveries/{items[0]['id']}", "DeliveryDetail")
+    assert (one.body["status"], one.body["waiting_behind"]) == ("waiting", head)
+    changed = await api.a.patch(f"/v1/subscriptions/{sid}", {"ordering": "none"}, "Subscription")
+    assert changed.body["settings"]["ordering"] == "none"

@@ -29,7 +29,7 @@ from dispatcher import queries
 from dispatcher.api_deliveries import DELIVERIES
 from dispatcher.metrics import Metrics
 from dispatcher.policy import Decision, Outcome, Verdict
-from dispatcher.record import Recorder, Result
+from dispatcher.record import Leasing, Recorder, Result
 from dispatcher.schedule import Clock, WakeTimer
 from dispatcher.status import collect
 
@@ -229,7 +229,12 @@ async def test_entity_order_holds_with_two_daemons_on_one_database(
     witness = OrderWitness(fail_share=0.3, hold=0.01)
     receiver.plan("/hook", then=witness)
     await subscribe(db, receiver.url(), settings={**ENTITY, **PROCESS_RETRY})
-    procs = [DaemonProcess(database, FAST_LEASE) for _ in range(2)]
+    # Few slots each: neither daemon can take every key (a daemon keeps the keys it sends
+    # to while it has room: the next of a key is released into its lease).
+    procs = [
+        DaemonProcess(database, {**FAST_LEASE, "DISPATCHER_DELIVERY_MAX_IN_FLIGHT": "4"})
+        for _ in range(2)
+    ]
     try:
         for proc in procs:
             proc.start(tmp_path)
@@ -264,8 +269,10 @@ async def end_head(
     tx = conn.transaction()
     await tx.start()
     await conn.execute(queries.HOLD_KEYS, [sid], [key])
-    await conn.execute("DELETE FROM dispatcher.deliveries WHERE id = $1", delivery_id)
-    await conn.execute(queries.RELEASE_NEXT, [sid], [key])
+    seq = await conn.fetchval(
+        "DELETE FROM dispatcher.deliveries WHERE id = $1 RETURNING order_seq", delivery_id
+    )
+    await conn.fetch(queries.RELEASE_NEXT, [sid], [key], [seq], 0.0, 0.0, None)
     commit: Callable[[], Awaitable[None]] = tx.commit
     return commit
 
@@ -362,7 +369,10 @@ async def test_resend_goes_to_the_back_of_its_key(
         "'delivered', created_at, now() FROM gone",
         first,
     )
-    assert await db.fetchval(queries.RELEASE_NEXT, [sid], ["a"]) == 1
+    assert (
+        await db.fetchval("SELECT dispatcher.release_next($1::uuid[], $2::text[])", [sid], ["a"])
+        == 1
+    )
     assert await db.fetchval("SELECT dispatcher.resend($1::bigint[])", [first]) == 1
     rows = await live(db)
     assert [(r["id"], r["waiting"]) for r in rows] == [(second, False), (first, True)]
@@ -453,6 +463,7 @@ async def test_the_claim_reads_only_its_index_with_long_lines_waiting(
         [],
         [],
         64,
+        1 << 25,
     )
     text = orjson.dumps(orjson.loads(plan)).decode()
     assert "deliveries_due_idx" in text
@@ -460,3 +471,81 @@ async def test_the_claim_reads_only_its_index_with_long_lines_waiting(
         "SELECT count(*) FROM dispatcher.deliveries WHERE lease_owner = $1", owner
     )
     assert claimed == 2
+
+
+async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """The recorder releases the next of each ended key straight into its own lease (one
+    update instead of a release and a later claim) and hands the rows to its worker; a
+    stopping recorder leaves them for any instance."""
+    sid = await subscribe(db, receiver.url(), settings=ENTITY)
+    await publish_keyed(db, ["a", "b", "c"], 0, 3)
+    owner = uuid4()
+    heads = await db.fetch(queries.CLAIM, 1e10, 10, 60.0, [], owner, [], [], 64, 1 << 25)
+    assert sorted(r["entity_instance_id"] for r in heads) == ["a", "b", "c"]
+    taken: list[asyncpg.Record] = []
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        recorder = Recorder(
+            pool,
+            owner,
+            WakeTimer(),
+            Metrics(),
+            interval=0.02,
+            max_batch=10,
+            on_flushed=lambda batch: None,
+            leasing=Leasing(lambda: 1000.0, 60.0, taken.extend),
+        )
+
+        def ended(row: asyncpg.Record) -> Result:
+            return Result(
+                row["id"],
+                sid,
+                1,
+                Outcome(0.0, 0.0, 0.0, status=200),
+                Decision(Verdict.DELIVERED),
+                order_key=row["order_key"],
+                order_seq=row["order_seq"],
+            )
+
+        a, b, c = sorted(heads, key=lambda r: r["entity_instance_id"])
+        recorder.add(ended(a))
+        await recorder.flush()
+        assert [(r["entity_instance_id"], r["leased"]) for r in taken] == [("a", True)]
+        row = await db.fetchrow(
+            "SELECT waiting, lease_owner, extract(epoch FROM due_at) AS due "
+            "FROM dispatcher.deliveries WHERE id = $1",
+            taken[0]["id"],
+        )
+        assert (row["waiting"], row["lease_owner"], float(row["due"])) == (False, owner, 1060.0)
+        # Not claimable by anyone else while the lease runs.
+        assert (
+            await db.fetch(queries.CLAIM, 1000.0, 10, 60.0, [], uuid4(), [], [], 64, 1 << 25) == []
+        )
+
+        # Stopping: released for others, due as it was.
+        recorder.lease_released = False
+        recorder.add(ended(b))
+        await recorder.flush()
+        assert len(taken) == 1
+        row = await db.fetchrow(
+            "SELECT d.waiting, d.lease_owner FROM dispatcher.deliveries d "
+            "JOIN dispatcher.events e ON e.id = d.event_id "
+            "WHERE e.entity_instance_id = 'b' ORDER BY d.order_seq LIMIT 1"
+        )
+        assert (row["waiting"], row["lease_owner"]) == (False, None)
+
+        # A paused subscription's next one is released, never leased.
+        recorder.lease_released = True
+        await db.execute("UPDATE dispatcher.deliveries SET paused = true WHERE order_key = 'c'")
+        recorder.add(ended(c))
+        await recorder.flush()
+        assert len(taken) == 1
+        row = await db.fetchrow(
+            "SELECT waiting, lease_owner FROM dispatcher.deliveries "
+            "WHERE order_key = 'c' ORDER BY order_seq LIMIT 1"
+        )
+        assert (row["waiting"], row["lease_owner"]) == (False, None)
+    finally:
+        await pool.close()

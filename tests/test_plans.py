@@ -18,7 +18,7 @@ import orjson
 from dispatcher import queries
 from dispatcher.app import WORKER_SERVER_SETTINGS
 
-CLAIM_TYPES = "float8, int, float8, uuid[], uuid, uuid[], int[], int"
+CLAIM_TYPES = "float8, int, float8, uuid[], uuid, uuid[], int[], int, bigint"
 RECORD_TYPES = (
     "bigint[], uuid[], int[], float8[], float8[], int[], text[], text[], text[], float8[], uuid"
 )
@@ -45,7 +45,9 @@ async def test_claim_and_record_scan_no_queue_table_after_a_burst(database: str)
         await conn.execute(f"PREPARE claim({CLAIM_TYPES}) AS {queries.CLAIM}")
         await conn.execute(f"PREPARE record({RECORD_TYPES}) AS {queries.RECORD}")
         owner = uuid.uuid4()
-        claim = f"claim({time.time() + 60}, 64, 90, '{{}}', '{owner}', '{{}}', '{{}}', 64)"
+        claim = (
+            f"claim({time.time() + 60}, 64, 90, '{{}}', '{owner}', '{{}}', '{{}}', 64, {1 << 25})"
+        )
         empty = "'{}', " * 10
         # Explained, never run: the plan for a batch of 64 outcomes.
         ids = ",".join(str(i) for i in range(1, 65))

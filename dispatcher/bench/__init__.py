@@ -37,10 +37,10 @@ from .. import config
 from ..app import EMBEDDED_DATABASE, apply_migrations
 from ..embedded import EmbeddedPostgres
 from ..envelope import Message, render
-from . import burn, ceiling, faulty, kit, memory, ordered, receiver, retries, steady
+from . import burn, ceiling, faulty, kit, large, memory, ordered, receiver, retries, steady
 from .cpu import postmaster_of
 
-SCENARIOS = ("burn", "steady", "faulty", "retries", "memory", "ordered")
+SCENARIOS = ("burn", "steady", "faulty", "retries", "memory", "ordered", "large")
 DEFAULT_SCENARIOS = ("burn", "steady", "faulty", "retries")
 DAEMON_MODES = burn.DAEMON_MODES
 
@@ -65,6 +65,7 @@ class Plan:
     memory_seconds: float = 10.0
     ordered_deliveries: int = 50_000  # per run (three runs: unordered, ordered, unordered)
     ordered_entities: int = 1_000
+    large_events: int = 100  # of 10 MB each, in one statement
     # How the burn-down runs the daemon: in this process, or as `dispatcher run` (defaults).
     daemon: str = "inprocess"
 
@@ -89,6 +90,7 @@ class Report:
     retries: retries.Retries | None = None
     memory: memory.Memory | None = None
     ordered: ordered.Ordered | None = None
+    large: large.Large | None = None
     targets: list[Target] = field(default_factory=list)
     # The server measured: where it runs, its version and durability settings, and the
     # scratch database (or schema) the run used.
@@ -205,6 +207,8 @@ async def run(
             results["ordered"] = await ordered.ordered(
                 ctx, plan.ordered_deliveries, plan.ordered_entities
             )
+        if "large" in chosen:
+            results["large"] = await large.large(ctx, plan.large_events)
     report = Report(
         machine=_machine(),
         plan=asdict(plan),
@@ -341,6 +345,12 @@ def targets(r: Report) -> list[Target]:
             r.ordered.ratio if r.ordered else None,
             0.8,
             ">= 0.8",
+        ),
+        at_most(
+            "large: daemon peak RSS MB, 100 payloads of 10 MB",
+            r.large.rss_peak_mb if r.large else None,
+            300,
+            "<= 300",
         ),
     ]
 
@@ -495,6 +505,14 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
         rows += [
             ("memory: pending / in flight (seen)", f"{m.pending:,} / {m.max_in_flight_seen}"),
             ("memory: RSS before / peak, MB", f"{m.rss_before_mb} / {m.rss_peak_mb}"),
+        ]
+    if g := r.large:
+        rows += [
+            (
+                "large: events x MB (claim_bytes), seconds",
+                f"{g.events} x {g.payload_mb} ({g.claim_bytes:,}), {g.seconds}",
+            ),
+            ("large: daemon peak RSS, MB", g.rss_peak_mb),
         ]
     if o := r.ordered:
         rows += [

@@ -107,7 +107,7 @@ async def burn(ctx: Context, count: int, daemon: str = "inprocess") -> Burn:
     timeout = max(60.0, count / 200)
     async with AsyncExitStack() as stack:
         if daemon == "process":
-            proc = await stack.enter_async_context(_DaemonProcess(ctx))
+            proc = await stack.enter_async_context(DaemonProcess(ctx))
             pid: int | None = proc.pid
             settings = proc.settings
         else:
@@ -221,13 +221,15 @@ def _free_port() -> int:
         return port
 
 
-class _DaemonProcess:
+class DaemonProcess:
     """`python -m dispatcher run` with a config file of defaults but for what the bench must
     set: the database, the admin port, and loopback + plain http (the receiver is
     http://127.0.0.1). No DISPATCHER_* variable of ours reaches it."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, delivery: dict[str, int] | None = None) -> None:
         self._ctx = ctx
+        # [delivery] keys a scenario must set (the large-payload one: max_payload_bytes).
+        self._delivery = delivery or {}
         self._tmp = tempfile.TemporaryDirectory(prefix="dispatcher-bench-daemon-")
         self._port = _free_port()
         self._proc: asyncio.subprocess.Process | None = None
@@ -239,7 +241,7 @@ class _DaemonProcess:
         assert self._proc is not None
         return self._proc.pid
 
-    async def __aenter__(self) -> _DaemonProcess:
+    async def __aenter__(self) -> DaemonProcess:
         base = Path(self._tmp.name)
         cfg = base / "config.toml"
         url = self._ctx.settings.database.url
@@ -248,6 +250,10 @@ class _DaemonProcess:
             f"[database]\nurl = {_toml(url)}\n"
             f'[admin]\nlisten = "127.0.0.1:{self._port}"\n'
             "[security]\nallow_loopback = true\nallow_http = true\n"
+            + "".join(
+                (["[delivery]\n"] if self._delivery else [])
+                + [f"{key} = {value}\n" for key, value in self._delivery.items()]
+            )
         )
         self.settings = config.load(cfg)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}

@@ -45,7 +45,7 @@ MEANS = (
     "sum(total_exec_time) / greatest(sum(calls), 1) AS mean_ms FROM pg_stat_statements "
     "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND query NOT LIKE '/*bench*/%' AND (query LIKE '%WITH due AS%' "
-    "OR query LIKE '%WITH o AS%' OR query LIKE '%dispatcher.release_next%') GROUP BY 1"
+    "OR query LIKE '%WITH o AS%' OR query LIKE '%dispatcher.next_waiting%') GROUP BY 1"
 )
 
 
