@@ -26,6 +26,8 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
         memory_seconds=0.5,
         ordered_deliveries=300,
         ordered_entities=30,
+        large_events=3,
+        large_payload_bytes=200_000,
     )
     report = await bench.run(config.Settings(), plan, database_url=database)
 
@@ -122,7 +124,12 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert ordered.runs[1].release_mean_ms is not None  # the ordered run released heads
     assert ordered.runs[0].release_mean_ms is None  # the unordered ones never do
 
-    assert sum(t.met is not None for t in report.targets) == 7  # all but retention
+    large = report.large
+    assert large is not None
+    assert (large.events, large.payload_mb) == (3, 0.2)
+    assert large.rss_peak_mb > 0
+
+    assert sum(t.met is not None for t in report.targets) == 8  # all but retention
     orjson.loads(orjson.dumps(report))  # --json serializes every field
     names = [name for name, _ in bench._rows(report)]
     assert "burn: ratio to ceiling" in names
@@ -131,6 +138,7 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert "burn: CPU us per delivery, daemon / PostgreSQL / receiver = total" in names
     assert "ceiling: CPU us per POST, client / PostgreSQL / receiver = total" in names
     assert "wall time, s" in names
+    assert "large: daemon peak RSS, MB" in names
 
 
 async def _bench_databases(dsn: str) -> list[str]:
