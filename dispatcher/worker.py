@@ -301,10 +301,12 @@ class Worker:
         task.add_done_callback(self._taking.discard)
 
     async def _admit_released(self, rows: list[asyncpg.Record]) -> None:
-        """As many as a claim could take now; the rest back for any instance (they would
-        wait here for slots while another instance has them free)."""
+        """Kept while fewer than max_in_flight wait ready (and within claim_bytes); the rest
+        back for any instance: they would wait here for slots another instance has free.
+        (Not a claim's room: claims keep the ready queue full while there is a backlog, and
+        handing released rows back costs an update and a claim each.)"""
         jobs = await self._claims.jobs_of(rows)
-        keep = 0 if self._stopping else max(self._claimable(), 0)
+        keep = 0 if self._stopping else max(self._settings.max_in_flight - len(self._queue), 0)
         room = self._bytes_left()
         for n, (_, job) in enumerate(jobs[:keep]):
             if job.size > room and (n or self._held_bytes):
