@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from msgspec import UNSET
 
-from . import api_deliveries
+from . import api_deliveries, queries
 from .api import (
     MAX_PAGE,
     ApiError,
@@ -705,7 +705,7 @@ async def send_test(request: web.Request) -> web.Response:
             TEST_DELIVERY, event["id"], event["created_at"], row["id"], row["environment_id"]
         )
         await conn.execute(MARK_TEST, delivery_id, row["id"])
-        await conn.execute("SELECT pg_notify('dispatcher_work', '')")
+        await conn.execute(queries.NOTIFY_WORK)
         delivery = await api_deliveries.by_id(conn, scope(request), delivery_id)
     log.info(
         "subscription.test_queued",

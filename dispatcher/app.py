@@ -43,14 +43,15 @@ SERVER_SETTINGS = {
     # that would hold back vacuum, so Postgres ends it.
     "idle_in_transaction_session_timeout": "60000",
 }
+# The limits PostgreSQL enforces for every publisher (sql/0012), written at each start.
+SET_LIMITS = """
+UPDATE dispatcher.limits SET max_payload_bytes = $1 WHERE max_payload_bytes IS DISTINCT FROM $1
+"""
 # The worker's queue swings from empty to millions of rows within a second. A generic plan
 # cached while it was empty (Postgres picks one after five calls) goes on scanning and sorting
 # the whole table until autovacuum analyzes it: a claim took 32 s in a test with 100k rows.
 # A custom plan sizes the table from its current pages on every call. (~1 ms of planning a
 # claim of up to a few hundred rows.)
-SET_LIMITS = """
-UPDATE dispatcher.limits SET max_payload_bytes = $1 WHERE max_payload_bytes IS DISTINCT FROM $1
-"""
 WORKER_SERVER_SETTINGS = {**SERVER_SETTINGS, "plan_cache_mode": "force_custom_plan"}
 # The worker has at most a claim and a flush under way, and now and then a lookup or upkeep.
 WORKER_POOL_SIZE = 4

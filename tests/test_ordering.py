@@ -473,6 +473,16 @@ async def test_the_claim_reads_only_its_index_with_long_lines_waiting(
     assert claimed == 2
 
 
+async def first_of(db: asyncpg.Connection, key: str) -> tuple[bool, UUID | None]:
+    """(waiting, lease_owner) of the first live delivery of an ordering key."""
+    row = await db.fetchrow(
+        "SELECT waiting, lease_owner FROM dispatcher.deliveries "
+        "WHERE order_key = $1 ORDER BY order_seq LIMIT 1",
+        key,
+    )
+    return row["waiting"], row["lease_owner"]
+
+
 async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
     database: str, db: asyncpg.Connection, receiver: Receiver
 ) -> None:
@@ -529,12 +539,7 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
         recorder.add(ended(b))
         await recorder.flush()
         assert len(taken) == 1
-        row = await db.fetchrow(
-            "SELECT d.waiting, d.lease_owner FROM dispatcher.deliveries d "
-            "JOIN dispatcher.events e ON e.id = d.event_id "
-            "WHERE e.entity_instance_id = 'b' ORDER BY d.order_seq LIMIT 1"
-        )
-        assert (row["waiting"], row["lease_owner"]) == (False, None)
+        assert await first_of(db, "b") == (False, None)
 
         # A paused subscription's next one is released, never leased.
         recorder.lease_released = True
@@ -542,10 +547,6 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
         recorder.add(ended(c))
         await recorder.flush()
         assert len(taken) == 1
-        row = await db.fetchrow(
-            "SELECT waiting, lease_owner FROM dispatcher.deliveries "
-            "WHERE order_key = 'c' ORDER BY order_seq LIMIT 1"
-        )
-        assert (row["waiting"], row["lease_owner"]) == (False, None)
+        assert await first_of(db, "c") == (False, None)
     finally:
         await pool.close()
