@@ -28,10 +28,8 @@ class Job:
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
     egress: Egress = DIRECT_EGRESS
-    # The ordering key of the claimed row and its place in it (sql/0010), None when
-    # unordered.
+    # The ordering key of the claimed row (sql/0010), None when unordered.
     order_key: str | None = None
-    order_seq: int | None = None
     # The payload's size as published (sql/0012): what it counts against claim_bytes.
     size: int = 0
 
@@ -77,7 +75,6 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         cap=endpoint.cap,
         egress=endpoint.egress,
         order_key=row["order_key"],
-        order_seq=row["order_seq"],
         size=row["payload_bytes"],
     )
 
@@ -132,7 +129,6 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         event_name=job.message.event_name,
         failing_threshold=threshold,
         order_key=job.order_key,
-        order_seq=job.order_seq,
     )
     return Judgement(result, error_rate)
 

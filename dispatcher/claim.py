@@ -89,7 +89,7 @@ class Claims:
 
     async def jobs_of(self, rows: list[asyncpg.Record]) -> list[tuple[float, Job]]:
         """The jobs of rows leased to this instance (by a claim, or released into its lease
-        behind an ended head: queries.RELEASE_NEXT), with their due times."""
+        behind an ended head: queries.RECORD_ENDING_HEADS), with their due times."""
         self._metrics.claimed.inc(len(rows))
         endpoints = await self._endpoints.of(rows)
         wall = self._clock.wall_ns() / 1e9

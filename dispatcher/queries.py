@@ -14,7 +14,7 @@
 # look-ahead: rows due within it come back with their due time and are started at it, not
 # a claim's round trip after it. A delivery waiting behind the head of its ordering key is
 # not claimable (sql/0010: the index leaves it out); `order_key` tells the recorder which
-# claimed rows are heads, `order_seq` where the next one of the key starts.
+# claimed rows are heads.
 CLAIM = """
 WITH due AS (
     SELECT id, subscription_id, due_at, event_id, event_created_at
@@ -52,7 +52,7 @@ WHERE d.id = t.id AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           t.event_name, t.entity_instance_id, t.created_at, t.payload::text AS payload,
           s.updated_at, extract(epoch FROM t.due_at)::float8 AS due_at,
-          d.order_key, d.order_seq, t.bytes AS payload_bytes,
+          d.order_key, t.bytes AS payload_bytes,
           (SELECT count(*) FROM due) AS scanned, (SELECT count(*) FROM shared) AS shared,
           (SELECT count(*) FROM taken) AS taken
 """
@@ -92,7 +92,7 @@ WHERE d.id = r.id AND d.lease_owner = $2
 # Record a batch of outcomes in one statement: append the attempts, move finished
 # deliveries to deliveries_done, push retried ones to their next due time. A row whose
 # lease another instance has taken since is left alone (its attempt is still recorded).
-RECORD = """
+_OUTCOMES = """
 WITH o AS (
     SELECT delivery_id, subscription_id, attempt, to_timestamp(started) AS started_at,
            duration_ms, status_code, error, excerpt, outcome, to_timestamp(next) AS next_at
@@ -126,16 +126,23 @@ WITH o AS (
     FROM o
     WHERE d.id = o.delivery_id AND o.outcome = 'retry' AND d.lease_owner = $11
     RETURNING d.id
-)
+)"""
+
+RECORD = (
+    _OUTCOMES
+    + """
 SELECT (SELECT count(*) FROM finished) AS finished,
        (SELECT count(*) FROM rescheduled) AS rescheduled
 """
+)
 
 # Ordered deliveries (sql/0010): a batch that ends heads of ordering keys holds those keys'
-# release locks (shared, in lock order) from before RECORD deletes the heads until it
-# commits, and releases each key's next one after RECORD, in the same transaction. The
-# lock makes a publisher's commit-time check wait for this transaction instead of missing
-# it (see dispatcher.check_order). Unordered batches never run these.
+# release locks (shared, in lock order) from before it records until it commits, and
+# records and releases each ended key's next one in one statement, in the same
+# transaction. The lock makes a publisher's commit-time check wait for this transaction
+# instead of missing it (see dispatcher.check_order); the statement's snapshot, taken once
+# the lock is held, sees every publisher that checked before. Unordered batches never run
+# these.
 HOLD_KEYS = """
 SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
     SELECT DISTINCT dispatcher.order_lock(k.subscription_id, k.order_key, 1) AS lock
@@ -144,29 +151,40 @@ SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
 ) l
 """
 
-# The next one of each ended head's key ($1 subscriptions, $2 keys, $3 the heads' places),
-# released straight into this instance's lease ($6, the lease to $4 + $5 like CLAIM's) and
-# answered as CLAIM answers: a release and a later claim would be two non-HOT updates of
-# the row, this is one. `leased` is false for a paused subscription's row (released for
-# whoever claims it once it is active again) and for every row when $6 is NULL (a stopping
-# instance: released due as they were, for the others).
-RELEASE_NEXT = """
+# RECORD, and the next one of each head it ended (the first after the head's place, if
+# waiting) released straight into this instance's lease ($14, to $12 + $13 like CLAIM's)
+# and answered as CLAIM answers: a release and a later claim would be two non-HOT updates
+# of the row, this is one. Only heads this statement deleted release: one whose lease
+# another instance took is still live, and ends there. `leased` is false for a paused
+# subscription's row (released for whoever claims it once it is active again) and for
+# every row when $14 is NULL (a stopping instance: released due as they were, for others).
+RECORD_ENDING_HEADS = (
+    _OUTCOMES
+    + """, ended AS (
+    -- The statement's snapshot still shows the rows `finished` deletes: their places.
+    SELECT array_agg(h.subscription_id) AS subs, array_agg(h.order_key) AS keys,
+           array_agg(h.order_seq) AS seqs
+    FROM finished f JOIN dispatcher.deliveries h ON h.id = f.id
+    WHERE h.order_key IS NOT NULL
+)
 UPDATE dispatcher.deliveries d
 SET waiting = false,
-    lease_owner = CASE WHEN d.paused THEN NULL ELSE $6::uuid END,
-    due_at = CASE WHEN d.paused OR $6::uuid IS NULL THEN d.due_at
-                  ELSE to_timestamp($4::float8 + $5::float8) END
-FROM dispatcher.next_waiting($1::uuid[], $2::text[], $3::bigint[]) AS nxt(id),
+    lease_owner = CASE WHEN d.paused THEN NULL ELSE $14::uuid END,
+    due_at = CASE WHEN d.paused OR $14::uuid IS NULL THEN d.due_at
+                  ELSE to_timestamp($12::float8 + $13::float8) END
+FROM ended CROSS JOIN LATERAL dispatcher.next_waiting(ended.subs, ended.keys, ended.seqs)
+         AS nxt(id),
      dispatcher.events e, dispatcher.subscriptions s
 WHERE d.id = nxt.id AND d.waiting
   AND e.id = d.event_id AND e.created_at = d.event_created_at
   AND s.id = d.subscription_id
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at, $4::float8 AS due_at, d.order_key, d.order_seq,
+          s.updated_at, $12::float8 AS due_at, d.order_key,
           coalesce(e.payload_bytes, pg_column_size(e.payload)) AS payload_bytes,
           d.lease_owner IS NOT NULL AS leased
 """
+)
 
 NOTIFY_WORK = "SELECT pg_notify('dispatcher_work', '')"
 

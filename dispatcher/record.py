@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -49,21 +49,21 @@ class Result:
     # and the subscription's failing_threshold (None: no delivery_failing events).
     event_name: str = ""
     failing_threshold: int | None = None
-    # The delivery's ordering key and place in it (sql/0010), None when unordered: a
-    # finished one releases the next of its key, the first after its place.
+    # The delivery's ordering key (sql/0010), None when unordered: a finished one releases
+    # the next of its key.
     order_key: str | None = None
-    order_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Leasing:
     """How the recorder takes the deliveries it releases behind ended heads (ordering): into
     this instance's lease, `seconds` from `clock()` (the daemon's clock), handed to `take`
-    as claimed rows (queries.RELEASE_NEXT) once their transaction committed."""
+    as claimed rows (queries.RECORD_ENDING_HEADS) once their transaction committed, with the number
+    of slots the flush is about to free: the released rows have the first claim on them."""
 
     clock: Callable[[], float]
     seconds: float
-    take: Callable[[list[asyncpg.Record]], None]
+    take: Callable[[list[asyncpg.Record], int], Awaitable[None]]
 
 
 class Recorder:
@@ -153,26 +153,27 @@ class Recorder:
                     if deadline is not None and loop.time() + delay > deadline:
                         # Their leases run out and the deliveries are sent again: at least once.
                         log.error("record.abandoned", results=len(batch), error=str(exc))
+                        await self._hand_over(len(batch))
                         self._on_flushed(batch)
-                        self._hand_over()
                         return
                     log.debug("record.retrying", results=len(batch), retry_in=delay)
                     if isinstance(exc, asyncpg.InternalClientError):
                         # Its connection may go back to the pool in a broken state.
                         await self._pool.expire_connections()
                     await asyncio.sleep(delay)
+            self._account(batch)
+            self._failures.note(batch)
+            # Under the lock: a stopping worker's last flush waits for this hand-over.
+            await self._hand_over(len(batch))
+            self._on_flushed(batch)
         finally:
             self._lock.release()
-        self._account(batch)
-        self._failures.note(batch)
-        self._on_flushed(batch)
-        self._hand_over()
 
-    def _hand_over(self) -> None:
+    async def _hand_over(self, freeing: int) -> None:
         """Give the worker what this flush released into its lease (committed ones only)."""
         released, self._released = self._released, []
         if released and self._leasing is not None:
-            self._leasing.take(released)
+            await self._leasing.take(released, freeing)
 
     async def _write_isolating(self, batch: list[Result]) -> None:
         """Write the batch; a result the database refuses for good is set aside alone.
@@ -212,12 +213,15 @@ class Recorder:
         # the outcomes or not at all.
         released: list[asyncpg.Record] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            keys = ([r.subscription_id for r in heads], [r.order_key for r in heads])
             if heads:
-                await conn.execute(queries.HOLD_KEYS, *keys)
-            await self._record(conn, batch)
-            if heads:
-                released = await self._release_next(conn, heads)
+                await conn.execute(
+                    queries.HOLD_KEYS,
+                    [r.subscription_id for r in heads],
+                    [r.order_key for r in heads],
+                )
+                released = await self._record_ending_heads(conn, batch)
+            else:
+                await self._record(conn, batch)
             if honoured:
                 await conn.execute(
                     queries.NOTE_RETRY_AFTER,
@@ -286,29 +290,33 @@ class Recorder:
                 status=r.outcome.status,
             )
 
-    async def _release_next(
-        self, conn: asyncpg.Connection, heads: list[Result]
+    async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
+        began = time.perf_counter()
+        await conn.fetchrow(queries.RECORD, *self._outcomes(batch))
+        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
+
+    async def _record_ending_heads(
+        self, conn: asyncpg.Connection, batch: list[Result]
     ) -> list[asyncpg.Record]:
-        """Release the next delivery of each ended head's key: into this instance's lease
-        while it takes them, else for any instance (which a NOTIFY wakes)."""
+        """Record, and release the next delivery of each key whose head ended: into this
+        instance's lease while it takes them, else for any instance (which a NOTIFY wakes)."""
         leasing = self._leasing if self.lease_released else None
+        began = time.perf_counter()
         rows: list[asyncpg.Record] = await conn.fetch(
-            queries.RELEASE_NEXT,
-            [r.subscription_id for r in heads],
-            [r.order_key for r in heads],
-            [r.order_seq for r in heads],
+            queries.RECORD_ENDING_HEADS,
+            *self._outcomes(batch),
             leasing.clock() if leasing is not None else 0.0,
             leasing.seconds if leasing is not None else 0.0,
             self._owner if leasing is not None else None,
         )
+        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
         if rows and leasing is None:
             await conn.execute(queries.NOTIFY_WORK)
         return rows
 
-    async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
-        began = time.perf_counter()
-        await conn.fetchrow(
-            queries.RECORD,
+    def _outcomes(self, batch: list[Result]) -> tuple[object, ...]:
+        """RECORD's parameters ($1-$11)."""
+        return (
             [r.delivery_id for r in batch],
             [r.subscription_id for r in batch],
             [r.attempt for r in batch],
@@ -321,7 +329,6 @@ class Recorder:
             [r.decision.next_at for r in batch],
             self._owner,
         )
-        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
 
     def _account(self, batch: list[Result]) -> None:
         m = self._metrics

@@ -78,7 +78,7 @@ class Worker:
             max_batch=min(settings.flush_max, self._batch),
             on_flushed=self._recorded,
             outage=outage,
-            leasing=Leasing(self._clock, settings.lease_seconds, self._take_released),
+            leasing=Leasing(self._clock, settings.lease_seconds, self._admit_released),
         )
         endpoints = Endpoints(pool, settings, security, metrics, outage, egress)
         self._claims = Claims(
@@ -111,8 +111,6 @@ class Worker:
         # Subscriptions the last claim skipped as full (a freed slot asks for a claim again).
         self._skipped: set[UUID] = set()
         self._tasks: dict[asyncio.Task[None], Job] = {}
-        # Rows the recorder released into our lease, on their way to the ready queue.
-        self._taking: set[asyncio.Task[None]] = set()
         # Subscriptions with an error-rate limit that failed since upkeep last asked.
         self._failing: dict[UUID, ErrorRateLimit] = {}
         self._lookahead = _LOOKAHEAD * self._clock.rate  # in the clock's seconds
@@ -294,19 +292,13 @@ class Worker:
             self._ask()
             await self._claims.release(excess, "excess")
 
-    def _take_released(self, rows: list[asyncpg.Record]) -> None:
-        """The recorder released these into our lease (the next ones of ordered keys)."""
-        task = asyncio.create_task(self._admit_released(rows))
-        self._taking.add(task)
-        task.add_done_callback(self._taking.discard)
-
-    async def _admit_released(self, rows: list[asyncpg.Record]) -> None:
-        """Kept while fewer than max_in_flight wait ready (and within claim_bytes); the rest
-        back for any instance: they would wait here for slots another instance has free.
-        (Not a claim's room: claims keep the ready queue full while there is a backlog, and
-        handing released rows back costs an update and a claim each.)"""
+    async def _admit_released(self, rows: list[asyncpg.Record], freeing: int) -> None:
+        """Rows the recorder released into our lease (the next ones of ordered keys), before
+        the flush frees `freeing` slots: kept as many as a claim would take once they are
+        free (and within claim_bytes), so that they, not a claim of other keys, fill them;
+        the rest back for any instance (a release and a claim more each)."""
         jobs = await self._claims.jobs_of(rows)
-        keep = 0 if self._stopping else max(self._settings.max_in_flight - len(self._queue), 0)
+        keep = 0 if self._stopping else max(self._claimable() + freeing, 0)
         room = self._bytes_left()
         for n, (_, job) in enumerate(jobs[:keep]):
             if job.size > room and (n or self._held_bytes):
@@ -468,5 +460,3 @@ class Worker:
         if unsent:
             await self._claims.release(unsent, "stop", due)
         await self.recorder.flush(give_up_after=self._settings.grace_period)
-        # Released into our lease by a flush before the stop: handed back.
-        await asyncio.gather(*self._taking, return_exceptions=True)

@@ -46,7 +46,6 @@ def claimed(endpoint: Endpoint, attempts: int = 0) -> attempt.Job:
         "payload": '{"id": "p-1"}',
         "attempts": attempts,
         "order_key": None,
-        "order_seq": None,
         "payload_bytes": 13,
     }
     return attempt.job(row, endpoint, T0)

@@ -121,8 +121,8 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert [r.ordered for r in ordered.runs] == [False, True, False]
     assert all(r.per_s > 0 for r in ordered.runs)
     assert ordered.ratio > 0
-    assert ordered.runs[1].release_mean_ms is not None  # the ordered run released heads
-    assert ordered.runs[0].release_mean_ms is None  # the unordered ones never do
+    assert ordered.runs[1].record_heads_mean_ms is not None  # the ordered run released heads
+    assert ordered.runs[0].record_heads_mean_ms is None  # the unordered ones never do
 
     large = report.large
     assert large is not None

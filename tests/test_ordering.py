@@ -265,14 +265,17 @@ async def live(db: asyncpg.Connection) -> list[asyncpg.Record]:
 async def end_head(
     conn: asyncpg.Connection, sid: UUID, key: str, delivery_id: int
 ) -> Callable[[], Awaitable[None]]:
-    """What the recorder does when a head ends, up to (not including) its commit."""
+    """What the recorder does when a head ends (its statements), up to (not including) its
+    commit: the head is leased to it, delivered."""
+    owner = uuid4()
+    await conn.execute(
+        "UPDATE dispatcher.deliveries SET lease_owner = $2 WHERE id = $1", delivery_id, owner
+    )
     tx = conn.transaction()
     await tx.start()
     await conn.execute(queries.HOLD_KEYS, [sid], [key])
-    seq = await conn.fetchval(
-        "DELETE FROM dispatcher.deliveries WHERE id = $1 RETURNING order_seq", delivery_id
-    )
-    await conn.fetch(queries.RELEASE_NEXT, [sid], [key], [seq], 0.0, 0.0, None)
+    outcome = ([delivery_id], [sid], [1], [0.0], [1.0], [200], [None], [None], ["delivered"])
+    await conn.fetch(queries.RECORD_ENDING_HEADS, *outcome, [None], owner, 0.0, 0.0, None)
     commit: Callable[[], Awaitable[None]] = tx.commit
     return commit
 
@@ -495,6 +498,13 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
     heads = await db.fetch(queries.CLAIM, 1e10, 10, 60.0, [], owner, [], [], 64, 1 << 25)
     assert sorted(r["entity_instance_id"] for r in heads) == ["a", "b", "c"]
     taken: list[asyncpg.Record] = []
+    freed: list[int] = []
+
+    async def take(rows: list[asyncpg.Record], freeing: int) -> None:
+        assert not freed, "handed over before the flushed results free their slots"
+        taken.extend(rows)
+        assert freeing == 1
+
     pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
     try:
         recorder = Recorder(
@@ -504,8 +514,8 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
             Metrics(),
             interval=0.02,
             max_batch=10,
-            on_flushed=lambda batch: None,
-            leasing=Leasing(lambda: 1000.0, 60.0, taken.extend),
+            on_flushed=lambda batch: freed.append(len(batch)),
+            leasing=Leasing(lambda: 1000.0, 60.0, take),
         )
 
         def ended(row: asyncpg.Record) -> Result:
@@ -516,10 +526,23 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
                 Outcome(0.0, 0.0, 0.0, status=200),
                 Decision(Verdict.DELIVERED),
                 order_key=row["order_key"],
-                order_seq=row["order_seq"],
             )
 
         a, b, c = sorted(heads, key=lambda r: r["entity_instance_id"])
+        # A head whose lease another instance took is still live there: nothing released.
+        await db.execute(
+            "UPDATE dispatcher.deliveries SET lease_owner = $2 WHERE id = $1", a["id"], uuid4()
+        )
+        recorder.add(ended(a))
+        await recorder.flush()
+        assert taken == []
+        assert freed == [1]
+        key_a = [r["waiting"] for r in await live(db) if r["order_key"] == "a"]
+        assert key_a == [False, True, True]
+        await db.execute(
+            "UPDATE dispatcher.deliveries SET lease_owner = $2 WHERE id = $1", a["id"], owner
+        )
+        freed.clear()
         recorder.add(ended(a))
         await recorder.flush()
         assert [(r["entity_instance_id"], r["leased"]) for r in taken] == [("a", True)]
@@ -535,6 +558,7 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
         )
 
         # Stopping: released for others, due as it was.
+        freed.clear()
         recorder.lease_released = False
         recorder.add(ended(b))
         await recorder.flush()
@@ -542,6 +566,7 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
         assert await first_of(db, "b") == (False, None)
 
         # A paused subscription's next one is released, never leased.
+        freed.clear()
         recorder.lease_released = True
         await db.execute("UPDATE dispatcher.deliveries SET paused = true WHERE order_key = 'c'")
         recorder.add(ended(c))

@@ -3,9 +3,11 @@ against the same backlog unordered, interleaved (unordered, ordered, unordered) 
 VM's speed drifts; the ratio is the ordered rate over the unordered runs' mean.
 
 Each key goes out one at a time, so the rate rests on how quickly a finished head's next one
-is released (in the recorder's flush) and claimed; with 1,000 entities there are far more
-heads than send slots. pg_stat_statements gives each run's mean claim and record time: the
-unordered runs' must be what they were before ordering existed.
+is released (in the recorder's flush, into its instance's lease) and sent; with 1,000
+entities there are far more heads than send slots. pg_stat_statements gives each run's mean
+claim and record time (for the ordered run, of the record statement that also releases the
+next ones: queries.RECORD_ENDING_HEADS): the unordered runs' must be what they were before
+ordering existed.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from .kit import PAYLOAD_TEXT, TAG, Context, daemon_settings, drain, forget, ms,
 @dataclass(frozen=True, slots=True)
 class Phase:
     """One burn-down: its rate and the mean time (pg_stat_statements, execution only) of
-    its claim, record and, when ordered, release statements."""
+    its claim, record and, when ordered, record-and-release statements."""
 
     ordered: bool
     per_s: float
     claim_mean_ms: float | None
     record_mean_ms: float | None
-    release_mean_ms: float | None
+    record_heads_mean_ms: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,7 @@ class Ordered:
 # Mean execution time per statement kind since the last reset (milliseconds).
 MEANS = (
     TAG + "SELECT CASE WHEN query LIKE '%WITH due AS%' THEN 'claim' "
-    "WHEN query LIKE '%WITH o AS%' THEN 'record' ELSE 'release' END AS kind, "
+    "WHEN query LIKE '%dispatcher.next_waiting%' THEN 'record_heads' ELSE 'record' END AS kind, "
     "sum(total_exec_time) / greatest(sum(calls), 1) AS mean_ms FROM pg_stat_statements "
     "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND query NOT LIKE '/*bench*/%' AND (query LIKE '%WITH due AS%' "
@@ -85,7 +87,7 @@ async def _phase(ctx: Context, n: int, count: int, entities: int, ordered: bool)
         per_s=round(count / elapsed, 1),
         claim_mean_ms=ms(means.get("claim")),
         record_mean_ms=ms(means.get("record")),
-        release_mean_ms=ms(means.get("release")),
+        record_heads_mean_ms=ms(means.get("record_heads")),
     )
 
 
