@@ -44,6 +44,13 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert burn.statements_per_delivery is not None
     assert 0 < burn.statements_per_delivery < 1
     assert burn.wal_bytes_per_delivery > 0
+    # Split at the publish's commit: the fan-out's rows, then the burn-down's.
+    assert burn.wal_publish_bytes_per_delivery is not None
+    assert burn.wal_burn_bytes_per_delivery is not None
+    assert burn.wal_publish_bytes_per_delivery > 0
+    assert burn.wal_burn_bytes_per_delivery > 0
+    split = burn.wal_publish_bytes_per_delivery + burn.wal_burn_bytes_per_delivery
+    assert abs(split - burn.wal_bytes_per_delivery) < 1
     assert burn.cpu_seconds_per_delivery > 0
     # The receiver costs a few us a request: at these sizes, under one 10 ms clock tick.
     assert report.ceiling.receiver_cpu_us_per_post is not None
@@ -54,6 +61,10 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
         # The embedded server runs here: its CPU is read from /proc.
         assert burn.postgres_cpu_us_per_delivery is not None
         assert burn.postgres_cpu_us_per_delivery > 0
+        assert burn.postgres_publish_cpu_us_per_delivery is not None
+        assert burn.postgres_burn_cpu_us_per_delivery is not None
+        split = burn.postgres_publish_cpu_us_per_delivery + burn.postgres_burn_cpu_us_per_delivery
+        assert abs(split - burn.postgres_cpu_us_per_delivery) < 1
     assert burn.mean_in_flight > 0
     assert burn.rss_idle_mb > 0
     assert burn.rss_after_mb > 0
@@ -129,7 +140,7 @@ async def test_bench_runs_every_scenario_and_reports_each_number(database: str) 
     assert (large.events, large.payload_mb) == (3, 0.2)
     assert large.rss_peak_mb > 0
 
-    assert sum(t.met is not None for t in report.targets) == 8  # all but retention
+    assert sum(t.met is not None for t in report.targets) == 11  # all but retention
     orjson.loads(orjson.dumps(report))  # --json serializes every field
     names = [name for name, _ in bench._rows(report)]
     assert "burn: ratio to ceiling" in names

@@ -314,6 +314,24 @@ def targets(r: Report) -> list[Target]:
             0.9,
             ">= 0.9",
         ),
+        at_least(
+            "burn: dispatcher / ceiling, durable PostgreSQL (issue 17)",
+            r.burn.ratio_to_ceiling if r.burn else None,
+            1.2,
+            ">= 1.2",
+        ),
+        at_most(
+            "burn: daemon CPU us per delivery",
+            r.burn.daemon_cpu_us_per_delivery if r.burn else None,
+            60,
+            "<= 60",
+        ),
+        at_most(
+            "burn: PostgreSQL CPU us per delivery, burn-down (publish apart)",
+            r.burn.postgres_burn_cpu_us_per_delivery if r.burn else None,
+            40,
+            "<= 40",
+        ),
         at_most("burn: SQL statements per delivery", stmts, 0.02, "<= 0.02"),
         Target(
             "steady at half load: p99 due-to-send lag, ms",
@@ -425,10 +443,18 @@ def _rows(r: Report) -> list[tuple[str, Any]]:
             ("burn: due-to-send lag p50 / p99, ms", f"{b.lag_p50_ms} / {b.lag_p99_ms}"),
             ("burn: SQL statements per delivery", b.statements_per_delivery),
             ("burn: WAL bytes per delivery (incl. publish)", b.wal_bytes_per_delivery),
+            (
+                "burn: WAL bytes per delivery, publish + burn-down",
+                f"{b.wal_publish_bytes_per_delivery} + {b.wal_burn_bytes_per_delivery}",
+            ),
             ("burn: dispatcher CPU s per delivery", b.cpu_seconds_per_delivery),
             (
                 "burn: PostgreSQL / receiver CPU us per delivery",
                 f"{b.postgres_cpu_us_per_delivery} / {b.receiver_cpu_us_per_delivery}",
+            ),
+            (
+                "burn: PostgreSQL CPU us per delivery, publish + burn-down",
+                f"{b.postgres_publish_cpu_us_per_delivery} + {b.postgres_burn_cpu_us_per_delivery}",
             ),
             (
                 "burn: CPU us per delivery, daemon / PostgreSQL / receiver = total",

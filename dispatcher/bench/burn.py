@@ -80,6 +80,12 @@ class Burn:
     peak_per_s: float | None = None
     rate_series_per_s: list[float] = field(default_factory=list)  # per 100 ms from the commit
     daemon_cpu_us_per_delivery: float | None = None
+    # PostgreSQL's CPU and the WAL split at the publish's commit: the publish and fan-out
+    # (one statement, before the daemon sends anything) and the burn-down after it.
+    postgres_publish_cpu_us_per_delivery: float | None = None
+    postgres_burn_cpu_us_per_delivery: float | None = None
+    wal_publish_bytes_per_delivery: float | None = None
+    wal_burn_bytes_per_delivery: float | None = None
     bench_cpu_us_per_delivery: float | None = None  # process mode: the bench's own polling
     total_cpu_us_per_delivery: float | None = None  # daemon + PostgreSQL + receiver
     daemon_settings: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +133,7 @@ async def burn(ctx: Context, count: int, daemon: str = "inprocess") -> Burn:
         t0 = time.monotonic()
         commit = await publish_calls(ctx, env[0], count, BURN_PAYLOAD_TEXT)
         publish_s = commit - t0
+        await meter.mark()
         answered = await wait_answered(ctx, "burn", count, timeout)
         await drain(ctx, "burn", env, count, timeout=timeout)
         drained_at = time.monotonic()
@@ -196,6 +203,22 @@ async def burn(ctx: Context, count: int, daemon: str = "inprocess") -> Burn:
         peak_per_s=rose.peak_per_s,
         rate_series_per_s=rose.series_per_s,
         daemon_cpu_us_per_delivery=daemon_us,
+        postgres_publish_cpu_us_per_delivery=per(costs.postgres_cpu_seconds_before_mark, count),
+        postgres_burn_cpu_us_per_delivery=(
+            None
+            if costs.postgres_cpu_seconds is None or costs.postgres_cpu_seconds_before_mark is None
+            else per(costs.postgres_cpu_seconds - costs.postgres_cpu_seconds_before_mark, count)
+        ),
+        wal_publish_bytes_per_delivery=(
+            None
+            if costs.wal_bytes_before_mark is None
+            else round(costs.wal_bytes_before_mark / count, 1)
+        ),
+        wal_burn_bytes_per_delivery=(
+            None
+            if costs.wal_bytes_before_mark is None
+            else round((costs.wal_bytes - costs.wal_bytes_before_mark) / count, 1)
+        ),
         bench_cpu_us_per_delivery=per(costs.bench_cpu_seconds, count),
         total_cpu_us_per_delivery=(
             None if any(p is None for p in parts) else per(sum(p or 0.0 for p in parts), count)

@@ -110,6 +110,9 @@ class Costs:
     # This process's own CPU when the daemon runs in another one (None in-process: then the
     # bench's few queries are inside cpu_seconds).
     bench_cpu_seconds: float | None = None
+    # Of the totals, what was spent before Meter.mark() (the burn-down: its publish).
+    postgres_cpu_seconds_before_mark: float | None = None
+    wal_bytes_before_mark: int | None = None
 
 
 async def table_sizes(conn: asyncpg.Connection) -> dict[str, int]:
@@ -148,6 +151,7 @@ class Meter:
         self._daemon = 0.0
         self._others: tuple[float | None, float | None] = (None, None)
         self._tables: dict[str, int] = {}
+        self._marked: tuple[float | None, int] | None = None
 
     async def start(self) -> None:
         conn = self._ctx.conn
@@ -159,6 +163,14 @@ class Meter:
         self._cpu = time.process_time()
         self._daemon = self._daemon_seconds()
         self._others = self._ctx.other_cpu()
+
+    async def mark(self) -> None:
+        """Split the span here: PostgreSQL's CPU and the WAL so far are reported apart."""
+        postgres, _ = _spent(self._others, self._ctx.other_cpu())
+        wal = await self._ctx.conn.fetchval(
+            TAG + "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", self._lsn
+        )
+        self._marked = (postgres, int(wal))
 
     def _daemon_seconds(self) -> float:
         if self._daemon_pid is None:
@@ -190,6 +202,8 @@ class Meter:
             tables_before_kb=self._tables,
             tables_after_kb=await table_sizes(conn),
             bench_cpu_seconds=None if self._daemon_pid is None else cpu,
+            postgres_cpu_seconds_before_mark=None if self._marked is None else self._marked[0],
+            wal_bytes_before_mark=None if self._marked is None else self._marked[1],
         )
 
 
