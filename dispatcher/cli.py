@@ -78,7 +78,9 @@ async def _status(settings: config.Settings) -> None:
 async def _migrate(settings: config.Settings) -> None:
     async with AsyncExitStack() as stack:
         dsn = await open_database(stack, settings)
-        applied = await apply_migrations(dsn)
+        # Also the limits PostgreSQL enforces for publishers: a database migrated by a deploy
+        # step enforces the configured max_payload_bytes before any daemon starts.
+        applied = await apply_migrations(dsn, settings)
         print(f"applied: {applied}" if applied else "up to date")
 
 

@@ -7,6 +7,9 @@ never holds more of them at once; one larger than the whole budget still goes ou
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import aiohttp
@@ -134,3 +137,29 @@ async def test_claims_hold_no_more_payload_bytes_than_claim_bytes(
         "SELECT count(*) FROM dispatcher.deliveries_done WHERE status = 'delivered'"
     )
     assert delivered == 27
+
+
+async def test_migrate_writes_the_configured_limit(database: str, db: asyncpg.Connection) -> None:
+    """A deploy step's `dispatcher migrate` sets the limit publishers meet, daemon or not."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env |= {
+        "DISPATCHER_CONFIG": os.devnull,
+        "DISPATCHER_DATABASE_URL": database,
+        "DISPATCHER_DELIVERY_MAX_PAYLOAD_BYTES": str(LIMIT),
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "dispatcher", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert await db.fetchval("SELECT max_payload_bytes FROM dispatcher.limits") == LIMIT
+    with pytest.raises(asyncpg.ProgramLimitExceededError, match="over max_payload_bytes"):
+        await db.execute(
+            "SELECT dispatcher.publish('env-1', 'products.update.v0', $1::text::jsonb)",
+            payload_of(LIMIT + 1),
+        )
