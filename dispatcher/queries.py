@@ -302,7 +302,9 @@ DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"
 # dispatcher.publish_internal(), the one way past the reserved entity, in the recorder's
 # transaction. A subscription deleted meanwhile publishes nothing.
 
-# delivery_exhausted for the deliveries of a batch that gave up.
+# delivery_exhausted for the deliveries of a batch that gave up, and that this transaction's
+# RECORD finished (moved to deliveries_done at its now()): one whose lease another instance
+# took meanwhile ends there, and is announced there, once.
 PUBLISH_EXHAUSTED = """
 SELECT dispatcher.publish_internal(
     array_agg(s.environment_id),
@@ -316,6 +318,9 @@ FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int
      AS x(delivery_id, subscription_id, event_name, outcome, attempts, last_status,
           last_error)
 JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
+WHERE EXISTS (SELECT 1 FROM dispatcher.deliveries_done f
+              WHERE f.subscription_id = x.subscription_id AND f.finished_at = now()
+                AND f.id = x.delivery_id)
 """
 
 # endpoint_disabled for subscriptions about to be deleted by the receiver's answer (the

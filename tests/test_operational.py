@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aiohttp
 import asyncpg
@@ -17,7 +17,11 @@ import pytest
 
 from dispatcher import tokens
 from dispatcher.config import AdminSettings
+from dispatcher.metrics import Metrics
 from dispatcher.models import OPERATIONAL_EVENTS
+from dispatcher.policy import Decision, Outcome, Verdict
+from dispatcher.record import Recorder, Result
+from dispatcher.schedule import WakeTimer
 
 from .api_client import Client
 from .helpers import (
@@ -328,3 +332,52 @@ def test_streaks_write_only_batches_with_failures_or_known_streaks() -> None:
     # Another instance's streak, learnt at a poll, is ended by a success here.
     streaks.refresh(streaks.snapshot(), [b])
     assert streaks.changes([result(b, Verdict.DELIVERED)]) is not None
+
+
+async def test_a_delivery_another_instance_took_over_is_announced_there_only(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """An instance whose lease ran out (another took the delivery over) records its attempt
+    but does not finish the delivery: it publishes no delivery_exhausted for it."""
+    sid = await subscribe(db, receiver.url("/hook"))
+    await publish(db)
+    delivery = await db.fetchval("SELECT id FROM dispatcher.deliveries")
+    mine, theirs = uuid4(), uuid4()
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        recorder = Recorder(
+            pool,
+            mine,
+            WakeTimer(),
+            Metrics(),
+            interval=0.02,
+            max_batch=10,
+            on_flushed=lambda batch: None,
+        )
+        gave_up = Result(
+            delivery,
+            sid,
+            3,
+            Outcome(0.0, 0.0, 0.0, status=500),
+            Decision(Verdict.FAILED),
+            event_name="products.create.v0",
+        )
+
+        async def exhausted() -> int:
+            count: int = await db.fetchval(
+                "SELECT count(*) FROM dispatcher.events "
+                "WHERE event_name = 'dispatcher.delivery_exhausted.v1'"
+            )
+            return count
+
+        for owner, announced in ((theirs, 0), (mine, 1)):
+            await db.execute(
+                "UPDATE dispatcher.deliveries SET lease_owner = $2 WHERE id = $1", delivery, owner
+            )
+            recorder.add(gave_up)
+            await recorder.flush()
+            assert await exhausted() == announced, owner
+        assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries") == 0
+        assert await db.fetchval("SELECT count(*) FROM dispatcher.attempts") == 2
+    finally:
+        await pool.close()
