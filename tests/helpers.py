@@ -29,6 +29,9 @@ from aiohttp import web
 
 from dispatcher import config
 from dispatcher.app import started
+from dispatcher.metrics import Metrics
+from dispatcher.record import Leasing, Recorder, Result
+from dispatcher.schedule import WakeTimer
 
 HANG = "hang"
 Reply = int | str | Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -191,6 +194,26 @@ def verify_standard_v1a(public_key: str, headers: Mapping[str, str], body: bytes
 
 
 # -- daemons ----------------------------------------------------------------------------
+
+
+def recorder_for(
+    pool: asyncpg.Pool,
+    owner: UUID,
+    *,
+    on_flushed: Callable[[list[Result]], None] = lambda batch: None,
+    leasing: Leasing | None = None,
+) -> Recorder:
+    """The daemon's recorder on its own, flushed by the test (batches of up to 10)."""
+    return Recorder(
+        pool,
+        owner,
+        WakeTimer(),
+        Metrics(),
+        interval=0.02,
+        max_batch=10,
+        on_flushed=on_flushed,
+        leasing=leasing,
+    )
 
 
 def settings_for(dsn: str, **delivery: Any) -> config.Settings:

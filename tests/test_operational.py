@@ -17,11 +17,9 @@ import pytest
 
 from dispatcher import tokens
 from dispatcher.config import AdminSettings
-from dispatcher.metrics import Metrics
 from dispatcher.models import OPERATIONAL_EVENTS
 from dispatcher.policy import Decision, Outcome, Verdict
-from dispatcher.record import Recorder, Result
-from dispatcher.schedule import WakeTimer
+from dispatcher.record import Result
 
 from .api_client import Client
 from .helpers import (
@@ -30,6 +28,7 @@ from .helpers import (
     daemon,
     poll_until,
     publish,
+    recorder_for,
     settings_for,
     subscribe,
     verify_standard,
@@ -345,15 +344,7 @@ async def test_a_delivery_another_instance_took_over_is_announced_there_only(
     mine, theirs = uuid4(), uuid4()
     pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
     try:
-        recorder = Recorder(
-            pool,
-            mine,
-            WakeTimer(),
-            Metrics(),
-            interval=0.02,
-            max_batch=10,
-            on_flushed=lambda batch: None,
-        )
+        recorder = recorder_for(pool, mine)
         gave_up = Result(
             delivery,
             sid,

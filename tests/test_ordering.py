@@ -27,13 +27,20 @@ from aiohttp import web
 
 from dispatcher import queries
 from dispatcher.api_deliveries import DELIVERIES
-from dispatcher.metrics import Metrics
 from dispatcher.policy import Decision, Outcome, Verdict
-from dispatcher.record import Leasing, Recorder, Result
-from dispatcher.schedule import Clock, WakeTimer
+from dispatcher.record import Leasing, Result
+from dispatcher.schedule import Clock
 from dispatcher.status import collect
 
-from .helpers import DaemonProcess, Receiver, daemon, poll_until, settings_for, subscribe
+from .helpers import (
+    DaemonProcess,
+    Receiver,
+    daemon,
+    poll_until,
+    recorder_for,
+    settings_for,
+    subscribe,
+)
 from .test_faults import delivered_by, metrics_of
 
 ENTITY = {"ordering": "entity"}
@@ -433,15 +440,7 @@ def result(order_key: str | None, verdict: Verdict) -> Result:
 
 async def test_unordered_and_retried_ordered_outcomes_take_the_one_statement_path() -> None:
     pool = OneStatementPool()
-    recorder = Recorder(
-        pool,
-        uuid4(),
-        WakeTimer(),
-        Metrics(),
-        interval=0.02,
-        max_batch=10,
-        on_flushed=lambda batch: None,
-    )
+    recorder = recorder_for(pool, uuid4())
     # A retried head stays the head: nothing to release, so no transaction either.
     await recorder._write([result(None, Verdict.DELIVERED), result("a", Verdict.RETRY)])
     assert pool.calls == [queries.RECORD]
@@ -507,13 +506,9 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
 
     pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
     try:
-        recorder = Recorder(
+        recorder = recorder_for(
             pool,
             owner,
-            WakeTimer(),
-            Metrics(),
-            interval=0.02,
-            max_batch=10,
             on_flushed=lambda batch: freed.append(len(batch)),
             leasing=Leasing(lambda: 1000.0, 60.0, take),
         )
