@@ -141,9 +141,13 @@ class Recorder:
             loop = asyncio.get_running_loop()
             deadline = None if give_up_after is None else loop.time() + give_up_after
             backoff = Backoff()
+            # Results written (or refused for good) so far: a retry writes the others only
+            # (the attempts of a written half would be recorded twice).
+            settled: set[int] = set()
             while True:
+                left = [r for r in batch if id(r) not in settled]
                 try:
-                    await asyncio.shield(self._write_isolating(batch))
+                    await asyncio.shield(self._write_isolating(left, settled))
                     self._outage.succeeded()
                     break
                 except _TRANSIENT as exc:
@@ -175,11 +179,12 @@ class Recorder:
         if released and self._leasing is not None:
             await self._leasing.take(released, freeing)
 
-    async def _write_isolating(self, batch: list[Result]) -> None:
+    async def _write_isolating(self, batch: list[Result], settled: set[int]) -> None:
         """Write the batch; a result the database refuses for good is set aside alone.
 
         Halving the batch finds it in log2(n) writes; the others are written. The refused
-        one keeps its lease and is sent again when the lease ends (at least once).
+        one keeps its lease and is sent again when the lease ends (at least once). What was
+        written or refused is added to `settled` (ids of the results).
         """
         try:
             await self._write(batch)
@@ -189,10 +194,13 @@ class Recorder:
             if len(batch) == 1:
                 self._metrics.db_errors.labels("record_refused").inc()
                 log.error("record.refused", delivery_id=batch[0].delivery_id, error=str(exc))
+                settled.add(id(batch[0]))
                 return
             half = len(batch) // 2
-            await self._write_isolating(batch[:half])
-            await self._write_isolating(batch[half:])
+            await self._write_isolating(batch[:half], settled)
+            await self._write_isolating(batch[half:], settled)
+            return
+        settled.update(id(r) for r in batch)
 
     async def _write(self, batch: list[Result]) -> None:
         actions = [r for r in batch if r.decision.action is not None]

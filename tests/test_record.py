@@ -1,0 +1,73 @@
+"""The recorder's writes against a real PostgreSQL: a result the database refuses for good is
+set aside alone, and a retry after a transient error writes only what is still unwritten."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import asyncpg
+
+from dispatcher.policy import Decision, Outcome, Verdict
+from dispatcher.record import Result
+
+from .helpers import Receiver, publish, recorder_for, subscribe
+
+# The second statement that inserts attempts fails with serialization_failure (SQLSTATE
+# 40001), an error the recorder retries, raised by the database itself; a sequence counts
+# the statements (it is not rolled back with them).
+FAIL_SECOND = """
+CREATE SEQUENCE attempt_statements;
+CREATE FUNCTION fail_second() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('attempt_statements') = 2 THEN
+        RAISE EXCEPTION 'injected by the test' USING ERRCODE = '40001';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER fail_second AFTER INSERT ON dispatcher.attempts
+    FOR EACH STATEMENT EXECUTE FUNCTION fail_second();
+"""
+
+
+async def test_a_refused_result_is_set_aside_and_a_retry_writes_only_the_rest(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    sid = await subscribe(db, receiver.url())
+    for _ in range(4):
+        await publish(db)
+    owner = uuid4()
+    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $1", owner)
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM dispatcher.deliveries ORDER BY id")]
+    await db.execute(FAIL_SECOND)
+
+    def delivered(delivery_id: int, excerpt: str = "ok") -> Result:
+        return Result(
+            delivery_id,
+            sid,
+            1,
+            Outcome(0.0, 0.0, 0.001, status=200, body_excerpt=excerpt),
+            Decision(Verdict.DELIVERED),
+            event_name="products.create.v0",
+        )
+
+    # The second one's excerpt holds a NUL, which no text column takes: the batch of four is
+    # refused, then its first half, whose first result is written alone (the first attempts
+    # statement) and the second set aside. The second half meets the transient error (the
+    # second attempts statement) and the flush retries: the second half, not the batch.
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        recorder = recorder_for(pool, owner)
+        for delivery_id, excerpt in zip(ids, ["ok", "bad \x00 byte", "ok", "ok"], strict=True):
+            recorder.add(delivered(delivery_id, excerpt))
+        await recorder.flush()
+    finally:
+        await pool.close()
+
+    assert await db.fetchval("SELECT last_value FROM attempt_statements") == 3
+    rows = await db.fetch(
+        "SELECT delivery_id, count(*) AS n FROM dispatcher.attempts GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r["delivery_id"], r["n"]) for r in rows] == [(ids[0], 1), (ids[2], 1), (ids[3], 1)]
+    # The refused one is still queued, leased: sent again when its lease ends.
+    left = await db.fetch("SELECT id, lease_owner FROM dispatcher.deliveries")
+    assert [(r["id"], r["lease_owner"]) for r in left] == [(ids[1], owner)]
