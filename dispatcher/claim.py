@@ -27,7 +27,8 @@ class Batch:
     jobs: list[tuple[float, Job]]
     # When the claim answered (monotonic), before any endpoint lookup.
     answered: float
-    # It locked a full batch, or left rows for the byte budget: more is due.
+    # It read a full batch, or took fewer rows than the shares gave (the byte budget, or
+    # rows another instance holds): more is due.
     full: bool
     # An idle endpoint's share held rows back (see queries.CLAIM): claim again at once.
     held_back: bool

@@ -353,7 +353,15 @@ async def test_a_head_ending_while_a_publisher_is_open_releases_the_publishers_r
         await publish_keyed(publisher, ["a"], 3, 1)
         commit = await end_head(recorder, sid, "a", head)
         committing = asyncio.create_task(tx.commit())
-        await asyncio.sleep(0.2)
+        waiting = (
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'"
+        )
+
+        async def on_the_lock() -> bool:
+            event: str | None = await db.fetchval(waiting, publisher.get_server_pid())
+            return event == "advisory"
+
+        await poll_until(on_the_lock, 10.0)
         assert not committing.done(), "the publisher's check waits for the recorder"
         await commit()
         await committing

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .burn import DaemonProcess
+from .cpu import rss_of
 from .kit import TAG, Context, drain, forget, subscribe
 
 MB = 1_000_000
@@ -25,13 +25,6 @@ class Large:
     claim_bytes: int
     seconds: float
     rss_peak_mb: float  # the daemon process's VmHWM: its peak resident set
-
-
-def _peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
 async def large(ctx: Context, events: int = 100, payload_bytes: int = 10 * MB) -> Large:
@@ -51,7 +44,7 @@ async def large(ctx: Context, events: int = 100, payload_bytes: int = 10 * MB) -
         begun = time.perf_counter()
         await drain(ctx, "large", env, events, 600.0)
         seconds = time.perf_counter() - begun
-        peak = _peak_mb(daemon.pid)
+        _, peak = rss_of(daemon.pid)
         claim_bytes = daemon.settings.delivery.claim_bytes
     ctx.progress.done()
     await forget(ctx, env)
