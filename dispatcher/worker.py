@@ -90,7 +90,7 @@ class Worker:
             lease_seconds=settings.lease_seconds,
             outage=outage,
         )
-        self._flow = Flow(settings.max_per_endpoint)
+        self._flow = Flow(settings.max_per_endpoint, ahead=self._batch)
         self._queue = ReadyQueue(_READY_MAX_AGE)
         self._early_timer: asyncio.TimerHandle | None = None
         self._wake = Wakeup()

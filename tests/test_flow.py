@@ -143,7 +143,7 @@ def test_a_full_endpoint_starts_more_once_a_slot_is_done() -> None:
     assert flow.in_flight(sid) == SLOW_START
 
 
-def test_twice_the_cap_may_be_claimed() -> None:
+def test_claim_ahead_times_the_cap_may_be_claimed() -> None:
     flow = Flow(DEFAULT)
     sid = uuid4()
     configured = 5
@@ -161,10 +161,10 @@ def test_claim_shares_give_busy_endpoints_their_room_and_skip_full_ones() -> Non
     warm(flow, busy, 10)
     warm(flow, full, 2)
     started(flow, busy, 3, configured=10)
-    started(flow, full, 4, configured=2)
+    started(flow, full, CLAIM_AHEAD * 2, configured=2)
     shares = flow.shares()
     assert shares.full == [full]
-    assert dict(zip(shares.busy, shares.room, strict=True)) == {busy: 2 * 10 - 3}
+    assert dict(zip(shares.busy, shares.room, strict=True)) == {busy: CLAIM_AHEAD * 10 - 3}
     assert flow.idle_share() == CLAIM_AHEAD * SLOW_START
 
 
@@ -197,3 +197,15 @@ def test_a_lowered_cap_outlives_the_work_and_is_shared_in_claims() -> None:
     flow.done(sid)
     shares = flow.shares()
     assert dict(zip(shares.busy, shares.room, strict=True)) == {sid: CLAIM_AHEAD * 32}
+
+
+def test_what_waits_beyond_the_cap_is_bounded_by_the_ahead_given() -> None:
+    flow = Flow(DEFAULT, ahead=5)
+    sid = uuid4()
+    warm(flow, sid, 10)
+    kept = 0
+    while flow.may_claim(sid, 10):
+        flow.queued(sid, 10, T0)
+        kept += 1
+    assert kept == 10 + 5
+    assert flow.idle_share() == SLOW_START + 5
