@@ -7,9 +7,12 @@ import os
 
 import asyncpg
 import orjson
+import pytest
 
 from dispatcher import bench, config
 from dispatcher.bench import kit
+
+from .helpers import free_port
 
 
 async def test_bench_runs_every_scenario_and_reports_each_number(database: str) -> None:
@@ -207,3 +210,14 @@ def test_ramp_is_the_first_smoothed_rate_within_ten_percent_of_the_peak() -> Non
     # The 500 ms window first reaches 900/s once it holds no bucket below 50: at 0.8 s.
     assert rose.ramp_s == 0.8
     assert rose.series_per_s[:5] == [0, 0, 100, 500, 1000]
+
+
+async def test_a_database_url_that_does_not_connect_is_a_clear_error() -> None:
+    port = free_port()
+    url = f"postgresql://bench:secret@127.0.0.1:{port}/postgres"
+    plan = bench.Plan(scenarios=("burn",), deliveries=10, concurrency=4)
+    with pytest.raises(bench.BenchError) as caught:
+        await bench.run(config.Settings(), plan, database_url=url)
+    message = str(caught.value)
+    assert message.startswith(f"--database-url: cannot connect to 127.0.0.1:{port}: ")
+    assert "secret" not in message

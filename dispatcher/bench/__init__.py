@@ -232,7 +232,11 @@ async def _scratch(stack: AsyncExitStack, url: str) -> tuple[str, dict[str, str]
     if "://" not in url or not parts.scheme.startswith("postgres"):
         raise BenchError("--database-url must be a postgresql://user@host:port/database URL")
     name = f"dispatcher_bench_{uuid4().hex[:12]}"
-    conn = await asyncpg.connect(url)
+    try:
+        conn = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        raise BenchError(f"--database-url: cannot connect to {where}: {exc}") from None
     try:
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
