@@ -257,7 +257,9 @@ async def publish(ctx: Context, environments: list[str], count: int) -> None:
 async def publish_calls(ctx: Context, environment: str, count: int, payload: str) -> float:
     """`count` events published the way a service does, `dispatcher.publish(...)` per event,
     all in one `SELECT ... FROM generate_series(...)` (one transaction); returns the
-    monotonic time right after its commit (the daemon can see nothing before it)."""
+    monotonic time when the bench got the commit's answer. The daemon sees the commit as soon
+    as the server makes it, so on a loaded host its first request can precede this by the
+    few ms the answer took to reach the bench (a negative time to first delivery)."""
     await ctx.conn.execute(
         TAG + "SELECT dispatcher.publish($1, 'products.update.v0', $2::text::jsonb) "
         "FROM generate_series(1, $3)",
