@@ -48,7 +48,7 @@ WITH d AS (
     SELECT id, subscription_id, event_id, event_created_at, environment_id, attempts,
            CASE WHEN paused THEN 'paused'
                 WHEN waiting THEN 'waiting'
-                WHEN lease_owner IS NOT NULL AND due_at > now() THEN 'sending'
+                WHEN lease_owner IS NOT NULL AND leased_until > now() THEN 'sending'
                 WHEN attempts = 0 THEN 'pending'
                 ELSE 'retrying' END AS status,
            created_at,
@@ -481,14 +481,15 @@ class ResendJobs:
 RESEND_JOBS = web.AppKey("resend_jobs", ResendJobs)
 
 # The live queue of one environment ($1; NULL: all) now, by what each row waits for. A
-# lease in force (owner set, due time ahead) is a send in progress; an expired one is due
-# again. The queue table holds live rows only, so this reads it whole.
+# lease in force (owner set, its end ahead) is a send in progress; an expired one is due
+# again, from its end (sql/0013). The queue table holds live rows only, so this reads it
+# whole.
 QUEUE = """
 WITH held AS (
     SELECT subscription_id FROM dispatcher.endpoint_pauses WHERE until > now()
 ), q AS (
-    SELECT d.paused, d.lease_owner IS NOT NULL AND d.due_at > now() AS sending,
-           d.due_at, h.subscription_id IS NOT NULL AS held
+    SELECT d.paused, d.lease_owner IS NOT NULL AND d.leased_until > now() AS sending,
+           greatest(d.due_at, d.leased_until) AS due_at, h.subscription_id IS NOT NULL AS held
     FROM dispatcher.deliveries d LEFT JOIN held h ON h.subscription_id = d.subscription_id
     WHERE $1::text IS NULL OR d.environment_id = $1
 )

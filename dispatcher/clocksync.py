@@ -1,6 +1,6 @@
 """Keep the daemon's clock on the database's: leases and due times from one clock.
 
-Every instance writes leases (`due_at` pushed to now + lease) and retry times from its own
+Every instance writes leases (`leased_until`: now + lease) and retry times from its own
 clock and claims what is due by it. An instance whose host clock runs two minutes ahead
 would take rows another instance still holds (sent twice) and fire everyone's retries early.
 So each instance measures how far its host clock is from the database server's

@@ -1,29 +1,35 @@
 """The daemon's hot-path SQL as named statements; each is set-based: one round trip a batch."""
 
 # Claim up to $2 due deliveries for lease owner $5: read the $2 earliest due, take of them
-# at most a per-subscription share ($6/$7 give the room left for subscriptions this
-# instance already sends to, others (idle here: a slow start) at most $8, or their lower
-# "max_in_flight" setting; subscriptions with no room are skipped: $4), and lock only
-# those, skipping rows other instances hold: a row lock writes the row and a WAL record,
-# and with one busy endpoint a claim that locked all it read took 64 of 500. `locked`
-# carries what the rest needs (joined back to `shared`, the planner compared every pair
-# of rows: 1.6 ms of a 5.5 ms claim of 128, 34 of 48 ms at 500). Of the locked, the
-# earliest whose payloads fit in $9 bytes (the first always: a payload larger than the
-# whole budget goes out alone); sizes are measured at publish (sql/0012).
-# `scanned`, `shared` and `taken` (on every row) count the rows read, those within the
-# shares and those locked within the bytes: when the first reaches $2, or a later one
-# falls short of the one before, more may be due. The lease is the due time itself: it is
-# pushed $3 seconds ahead, so a row whose owner died becomes due again with no sweeper. $1
-# is the daemon's clock (unix seconds), the clock that set the retry times, plus a short
-# look-ahead: rows due within it come back with their due time and are started at it, not
-# a claim's round trip after it. A delivery waiting behind the head of its ordering key is
-# not claimable (sql/0010: the index leaves it out); `order_key` tells the recorder which
-# claimed rows are heads.
+# at most a per-subscription share ($6/$7 give the room left for subscriptions this instance
+# already sends to, others (idle here: a slow start) at most $8, or their lower
+# "max_in_flight" setting; subscriptions with no room are skipped: $4), and lock only those,
+# skipping rows other instances hold: a row lock writes the row and a WAL record, and with
+# one busy endpoint a claim that locked all it read took 64 of 500. `locked` carries what
+# the rest needs (joined back to `shared`, the planner compared every pair of rows: 1.6 ms
+# of a 5.5 ms claim of 128, 34 of 48 ms at 500). Of the locked, the earliest whose payloads
+# fit in $9 bytes (the first always: a payload larger than the whole budget goes out alone);
+# sizes are measured at publish (sql/0012). `scanned`, `shared` and `taken` (on every row)
+# count the rows read, those within the shares and those locked within the bytes: when the
+# first reaches $2, or a later one falls short of the one before, more may be due. The lease
+# ends $3 seconds ahead, in leased_until: a row whose owner died is claimable again then,
+# with no sweeper. No index has that column, so the claim's update is heap-only (sql/0013);
+# the scan reads past the rows in flight, which are still due. $1 is the daemon's clock
+# (unix seconds), the clock that set the retry times, plus a short look-ahead: rows due
+# within it come back with their due time and are started at it, not a claim's round trip
+# after it. A delivery waiting behind the head of its ordering key is not claimable
+# (sql/0010: the index leaves it out); `order_key` tells the recorder which claimed rows are
+# heads. Analyzed while most rows were leased, the lease test was estimated to pass few rows
+# and the planner read and sorted every due row: the worker's connections take no table or
+# bitmap scans (app.WORKER_SERVER_SETTINGS), and the lease test uses coalesce, which has no
+# statistics to mislead. The update finds its rows by `id = ANY(...)` besides the join, so a
+# high estimate of the rows taken never makes it a scan of the table.
 CLAIM = """
 WITH due AS (
     SELECT id, subscription_id, due_at, event_id, event_created_at
     FROM dispatcher.deliveries
     WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND NOT waiting
+      AND coalesce(leased_until, '-infinity') <= to_timestamp($1::float8)
       AND subscription_id <> ALL($4::uuid[])
     ORDER BY due_at
     LIMIT $2::int
@@ -41,6 +47,7 @@ WITH due AS (
     SELECT d.id, d.due_at, d.event_id, d.event_created_at, sh.updated_at
     FROM dispatcher.deliveries d JOIN shared sh USING (id)
     WHERE d.due_at <= to_timestamp($1::float8) AND NOT d.paused AND NOT d.waiting
+      AND coalesce(d.leased_until, '-infinity') <= to_timestamp($1::float8)
     FOR UPDATE OF d SKIP LOCKED
 ), sized AS (
     SELECT l.id, l.due_at, l.updated_at, e.event_name, e.entity_instance_id,
@@ -55,9 +62,9 @@ WITH due AS (
     SELECT * FROM sized WHERE running - bytes < $9::bigint
 )
 UPDATE dispatcher.deliveries d
-SET due_at = to_timestamp($1::float8 + $3::float8), lease_owner = $5
+SET leased_until = to_timestamp($1::float8 + $3::float8), lease_owner = $5
 FROM taken t
-WHERE d.id = t.id
+WHERE d.id = t.id AND d.id = ANY(ARRAY(SELECT id FROM taken))
 RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
           t.event_name, t.entity_instance_id, t.created_at, t.payload::text AS payload,
           t.updated_at, extract(epoch FROM t.due_at)::float8 AS due_at,
@@ -93,7 +100,8 @@ RETURNING s.id, s.updated_at, s.url, s.secret, s.profile, s.settings::text AS se
 # Hand claimed rows back unsent (shutdown, or more than an endpoint may take at once), each
 # due at $3 (unix seconds on the daemon's clock: now, or a retry's own time).
 RELEASE = """
-UPDATE dispatcher.deliveries d SET due_at = to_timestamp(r.due), lease_owner = NULL
+UPDATE dispatcher.deliveries d
+SET due_at = to_timestamp(r.due), lease_owner = NULL, leased_until = NULL
 FROM unnest($1::bigint[], $3::float8[]) AS r(id, due)
 WHERE d.id = r.id AND d.lease_owner = $2
 """
@@ -130,7 +138,7 @@ WITH o AS (
     FROM finished
 ), rescheduled AS (
     UPDATE dispatcher.deliveries d
-    SET due_at = o.next_at, attempts = o.attempt, lease_owner = NULL,
+    SET due_at = o.next_at, attempts = o.attempt, lease_owner = NULL, leased_until = NULL,
         last_attempt_at = o.started_at, last_status = o.status_code, last_error = o.error
     FROM o
     WHERE d.id = o.delivery_id AND o.outcome = 'retry' AND d.lease_owner = $11
@@ -161,12 +169,13 @@ SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
 """
 
 # RECORD, and the next one of each head it ended (the first after the head's place, if
-# waiting) released straight into this instance's lease ($14, to $12 + $13 like CLAIM's)
-# and answered as CLAIM answers: a release and a later claim would be two non-HOT updates
-# of the row, this is one. Only heads this statement deleted release: one whose lease
-# another instance took is still live, and ends there. `leased` is false for a paused
-# subscription's row (released for whoever claims it once it is active again) and for
-# every row when $14 is NULL (a stopping instance: released due as they were, for others).
+# waiting) released straight into this instance's lease ($14, to $12 + $13 like CLAIM's) and
+# answered as CLAIM answers: a release and a later claim would be two updates of the row
+# (the release not heap-only: `waiting` is in the claim index's predicate), this is one.
+# Only heads this statement deleted release: one whose lease another instance took is still
+# live, and ends there. `leased` is false for a paused subscription's row (released for
+# whoever claims it once it is active again) and for every row when $14 is NULL (a stopping
+# instance: released due as they were, for others).
 RECORD_ENDING_HEADS = (
     _OUTCOMES
     + """, ended AS (
@@ -179,8 +188,8 @@ RECORD_ENDING_HEADS = (
 UPDATE dispatcher.deliveries d
 SET waiting = false,
     lease_owner = CASE WHEN d.paused THEN NULL ELSE $14::uuid END,
-    due_at = CASE WHEN d.paused OR $14::uuid IS NULL THEN d.due_at
-                  ELSE to_timestamp($12::float8 + $13::float8) END
+    leased_until = CASE WHEN d.paused OR $14::uuid IS NULL THEN NULL
+                        ELSE to_timestamp($12::float8 + $13::float8) END
 FROM ended CROSS JOIN LATERAL dispatcher.next_waiting(ended.subs, ended.keys, ended.seqs)
          AS nxt(id),
      dispatcher.events e, dispatcher.subscriptions s
@@ -269,20 +278,30 @@ WHERE s.id = t.subscription_id AND s.active
 RETURNING s.id, s.deactivated_reason
 """
 
-# The earliest due time of work that is not paused or waiting: what the timer should wake
-# for (the claim's index, so it stays one index probe).
+# The earliest time work that is not paused or waiting becomes claimable (its due time, or
+# its lease's end: sql/0013), what the timer should wake for, read from the head of the
+# claim's index. Rows past the first 1,024 are due no sooner than the last of those: when
+# the head is that long, its last due time bounds the answer (all in flight: a wake that
+# finds nothing to claim).
 NEXT_DUE = """
-SELECT min(due_at) FROM dispatcher.deliveries WHERE NOT paused AND NOT waiting
+SELECT CASE WHEN count(*) < 1024 THEN min(greatest(due_at, leased_until))
+            ELSE least(min(greatest(due_at, leased_until)), max(due_at)) END
+FROM (
+    SELECT due_at, leased_until FROM dispatcher.deliveries
+    WHERE NOT paused AND NOT waiting
+    ORDER BY due_at
+    LIMIT 1024
+) head
 """
 
 # Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
-# waited, and subscriptions by state. Leased rows carry their lease end as due time, so
-# they count only once expired; deliveries waiting behind their key's head count in the
+# waited, and subscriptions by state. Leased rows count only once their lease has ended
+# (from its end, sql/0013); deliveries waiting behind their key's head count in the
 # depth, not in the age (they are not due until released).
 QUEUE_STATS = """
 SELECT count(*) AS depth,
-       coalesce(extract(epoch FROM now() - min(due_at)
-                FILTER (WHERE due_at <= now() AND NOT waiting)), 0)
+       coalesce(extract(epoch FROM now() - min(greatest(due_at, leased_until))
+                FILTER (WHERE greatest(due_at, leased_until) <= now() AND NOT waiting)), 0)
            AS oldest_due_age,
        (SELECT count(*) FROM dispatcher.subscriptions WHERE active) AS active_subscriptions,
        (SELECT count(*) FROM dispatcher.subscriptions WHERE NOT active)

@@ -12,20 +12,20 @@ from uuid import UUID
 
 import asyncpg
 
-# Live deliveries. A claimed row carries its lease end as due_at, so "due now" counts rows
-# nobody holds (never claimed, waiting retries whose time came, expired leases) and
-# "leased" those an instance is sending right now. "waiting" are those behind their ordering
-# key's head (sql/0010): queued, but not due until the head ends.
+# Live deliveries. A claimed row is due again when its lease ends (sql/0013), so "due now"
+# counts rows nobody holds (never claimed, waiting retries whose time came, expired leases)
+# and "leased" those an instance is sending right now. "waiting" are those behind their
+# ordering key's head (sql/0010): queued, but not due until the head ends.
 QUEUE = """
 SELECT count(*) FILTER (WHERE NOT paused) AS depth,
-       count(*) FILTER (WHERE NOT paused AND NOT waiting AND due_at <= now()) AS due_now,
-       coalesce(extract(epoch FROM now() - min(due_at)
-                FILTER (WHERE NOT paused AND NOT waiting AND due_at <= now())), 0)::float8
+       count(*) FILTER (WHERE NOT paused AND NOT waiting AND due <= now()) AS due_now,
+       coalesce(extract(epoch FROM now() - min(due)
+                FILTER (WHERE NOT paused AND NOT waiting AND due <= now())), 0)::float8
            AS oldest_due_age,
-       count(*) FILTER (WHERE lease_owner IS NOT NULL AND due_at > now()) AS leased,
+       count(*) FILTER (WHERE lease_owner IS NOT NULL AND leased_until > now()) AS leased,
        count(*) FILTER (WHERE NOT paused AND waiting) AS waiting,
        count(*) FILTER (WHERE paused) AS paused
-FROM dispatcher.deliveries
+FROM (SELECT *, greatest(due_at, leased_until) AS due FROM dispatcher.deliveries) d
 """
 
 # Deliveries that reached an end in the window, by final status.

@@ -414,8 +414,9 @@ async def test_resend_goes_to_the_back_of_its_key(
 
 # -- the unordered path pays nothing -----------------------------------------------------
 
-# queries.RECORD as it was before ordered delivery: the unordered statement is the same text.
-RECORD_BEFORE_ORDERING = "7eefb461973900a7c9e173d37829b8f9f61760b9988fdd3a61b2ae2b249ebc87"
+# queries.RECORD as ordered delivery left it (its text then, with sql/0013's lease column
+# cleared on a retry since): ordering changed nothing of the unordered statement.
+RECORD_BEFORE_ORDERING = "0119f5e222e27c93a038321a2e3babfe13a30f13e6babf5b4fcde95e5d3d1518"
 
 
 def test_the_record_statement_is_unchanged() -> None:
@@ -550,7 +551,7 @@ async def test_an_ended_heads_next_one_is_released_into_the_recorders_lease(
         await recorder.flush()
         assert [(r["entity_instance_id"], r["leased"]) for r in taken] == [("a", True)]
         row = await db.fetchrow(
-            "SELECT waiting, lease_owner, extract(epoch FROM due_at) AS due "
+            "SELECT waiting, lease_owner, extract(epoch FROM leased_until) AS due "
             "FROM dispatcher.deliveries WHERE id = $1",
             taken[0]["id"],
         )

@@ -71,3 +71,36 @@ async def test_claim_and_record_scan_no_queue_table_after_a_burst(database: str)
         assert ("Index Scan", "deliveries") in await explain(conn, claim)
     finally:
         await conn.close()
+
+
+async def test_the_claim_reads_the_due_index_when_analyzed_while_rows_were_leased(
+    database: str,
+) -> None:
+    """Statistics taken while most rows were leased (sql/0013) must not turn the claim's
+    ordered read of the due index into a read and sort of every due row."""
+    conn = await asyncpg.connect(database, server_settings=WORKER_SERVER_SETTINGS)
+    try:
+        await conn.execute(
+            "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret) "
+            "VALUES ('burst', 'https://example.test/hook', '{products.*}', "
+            "'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')"
+        )
+        publish = (
+            "INSERT INTO dispatcher.events (environment_id, event_name, payload) "
+            "SELECT 'burst', 'products.update.v0', '{}'::jsonb FROM generate_series(1, $1)"
+        )
+        owner = uuid.uuid4()
+        await conn.execute(publish, 2000)
+        args: tuple[object, ...] = (time.time(), 2000, 90.0, [], owner, [], [], 2000, 1 << 25)
+        assert len(await conn.fetch(queries.CLAIM, *args)) == 2000
+        await conn.execute("ANALYZE dispatcher.deliveries")
+        await conn.execute(publish, 20000)
+        await conn.execute(f"PREPARE claim({CLAIM_TYPES}) AS {queries.CLAIM}")
+        found = await explain(
+            conn, f"claim({time.time()}, 500, 90, '{{}}', '{owner}', '{{}}', '{{}}', 64, 1)"
+        )
+        assert ("Seq Scan", "deliveries") not in found, found
+        assert ("Bitmap Heap Scan", "deliveries") not in found, found
+        assert ("Index Scan", "deliveries") in found, found
+    finally:
+        await conn.close()

@@ -99,7 +99,7 @@ async def test_status_counts_queue_outcomes_and_failing_subscriptions(
     await attempt(db, good_ids[3], good, "retry")  # 1 failure in 5 attempts: 20%
     await db.execute(
         "UPDATE dispatcher.deliveries SET lease_owner = gen_random_uuid(), "
-        "due_at = now() + interval '60 seconds' WHERE id = $1",
+        "leased_until = now() + interval '60 seconds' WHERE id = $1",
         good_ids[3],
     )
     await publish(db, "products.update.v0", 1)  # one more for each; good's is finished long ago
