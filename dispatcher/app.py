@@ -51,17 +51,8 @@ UPDATE dispatcher.limits SET max_payload_bytes = $1 WHERE max_payload_bytes IS D
 # cached while it was empty (Postgres picks one after five calls) goes on scanning and sorting
 # the whole table until autovacuum analyzes it: a claim took 32 s in a test with 100k rows.
 # A custom plan sizes the table from its current pages on every call. (~1 ms of planning a
-# claim of up to a few hundred rows.) Its statistics are as stale: analyzed while most rows
-# were leased, the claim's due scan was estimated at a few hundred rows and read and sorted
-# all of them, in a table scan or a bitmap scan (a claim of 90 took 12 ms, not 3, and the
-# database's CPU a delivery doubled). Every statement of the worker is built for an index,
-# so its connections take none of those (a statement with no index for them still runs).
-WORKER_SERVER_SETTINGS = {
-    **SERVER_SETTINGS,
-    "plan_cache_mode": "force_custom_plan",
-    "enable_seqscan": "off",
-    "enable_bitmapscan": "off",
-}
+# claim of up to a few hundred rows.)
+WORKER_SERVER_SETTINGS = {**SERVER_SETTINGS, "plan_cache_mode": "force_custom_plan"}
 # The worker has at most a claim and a flush under way, and now and then a lookup or upkeep.
 WORKER_POOL_SIZE = 4
 

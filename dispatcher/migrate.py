@@ -39,7 +39,8 @@ class Migration:
 
 
 class MigrationError(RuntimeError):
-    """The database holds a migration that differs from the file of the same version."""
+    """The database holds a migration that differs from the file of the same version, or
+    one this version does not know."""
 
 
 def sql_dir() -> Path:
@@ -88,6 +89,14 @@ async def apply(conn: asyncpg.Connection, migrations: list[Migration] | None = N
                 )
             log.info("migration.applied", version=migration.version, name=migration.name)
             applied_now.append(migration.version)
+        # An older daemon on a newer schema runs statements the schema has moved past: since
+        # 0013 it would take rows a newer instance holds under its lease, and send them twice.
+        newest, known = max(done, default=0), max((m.version for m in pending), default=0)
+        if newest > known:
+            raise MigrationError(
+                f"the database's schema is at version {newest:04d}, newer than this "
+                f"dispatcher knows ({known:04d}): run the newer version"
+            )
         await conn.execute("SELECT dispatcher.ensure_partitions(current_date - 1, 4)")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -22,6 +22,15 @@ async def test_a_changed_migration_is_refused(db: asyncpg.Connection) -> None:
         await migrate.apply(db, [changed])
 
 
+async def test_a_schema_newer_than_this_version_is_refused(db: asyncpg.Connection) -> None:
+    await db.execute(
+        "INSERT INTO dispatcher.schema_migrations (version, name, checksum) "
+        "VALUES (9999, 'from_a_later_version', 'x')"
+    )
+    with pytest.raises(migrate.MigrationError, match="at version 9999, newer than this"):
+        await migrate.apply(db)
+
+
 async def test_partitions_exist_for_today_and_the_next_days(db: asyncpg.Connection) -> None:
     names = await db.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
