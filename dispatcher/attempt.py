@@ -1,4 +1,11 @@
-"""One attempt's pure ends: prepare the request (render, sign) and judge its outcome."""
+"""One attempt's pure ends: prepare the request (render, sign) and judge its outcome.
+
+The records made for every delivery (Message, Job, Request, Outcome, Decision, Result,
+Judgement, http1.Response) are plain slotted dataclasses, not frozen ones, and are never
+changed once made: a frozen dataclass's __init__ sets each field through
+object.__setattr__, about 90 ns a field against 20, and these carry some 55 fields a
+delivery. With envelope.iso_millis cached, the daemon's CPU per delivery in the bench's
+burn-down went from 64-68 to 57-58 us."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from .record import Result
 from .signing import SIGNERS
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Job:
     message: Message
     attempt: int
@@ -34,7 +41,7 @@ class Job:
     size: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Request:
     """What to POST: the rendered body and every header, signature included."""
 
@@ -43,7 +50,7 @@ class Request:
     settings: EndpointSettings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Judgement:
     """What an attempt's outcome means: the result to record (the decision, the failure mail
     it queues) and the error-rate limit to check when it failed on a subscription with one."""

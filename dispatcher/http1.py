@@ -90,7 +90,7 @@ class Target:
     path: str  # path and query, percent-encoded
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Response:
     status: int
     location: str | None

@@ -51,7 +51,7 @@ class Verdict(StrEnum):
     EXPIRED = "expired"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Outcome:
     """What one HTTP attempt produced: a status, or an error kind. `started_at` and
     `finished_at` are read on the daemon's clock (unix seconds; a test's clock may run faster),
@@ -152,7 +152,7 @@ class DeliveryPolicy:
 RETRY_AFTER_MAX = 3600.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Decision:
     verdict: Verdict
     next_at: float | None = None

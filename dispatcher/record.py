@@ -35,7 +35,7 @@ _TRANSIENT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per delivery (see attempt.py)
 class Result:
     delivery_id: int
     subscription_id: UUID
