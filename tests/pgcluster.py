@@ -7,6 +7,9 @@ each in its own data directory, the standby streaming from the primary and named
 plays the cluster manager: it kills the primary, promotes the standby and turns synchronous
 replication off on it.
 
+`single` starts one server from other binaries (Debian's stock PostgreSQL), for the
+statements whose plans must hold on the versions users run, not only on the wheel's.
+
 The programs run as the system user the embedded server uses (PostgreSQL refuses to run as
 root), through dispatcher.embedded's own helpers. Every server is stopped by its pid.
 """
@@ -20,6 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +216,43 @@ class Pair:
                 node.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+# Where Debian's postgresql package puts each major version's programs.
+_DEBIAN_ROOT = Path("/usr/lib/postgresql")
+
+
+def debian_binaries() -> Path | None:
+    """The bin/ folder of the newest PostgreSQL installed from Debian's packages, if any."""
+    found = [p / "bin" for p in _DEBIAN_ROOT.glob("*") if (p / "bin" / "initdb").exists()]
+    return max(found, key=lambda p: int(p.parent.name), default=None) if found else None
+
+
+@contextlib.contextmanager
+def single(bin_path: Path) -> Iterator[Node]:
+    """One server from `bin_path` (another PostgreSQL than the wheel's, e.g. Debian's stock
+    one) in a temporary folder of its own, with its default settings but for _COMMON;
+    stopped by its pid and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="disp-pg-"))
+    run_as = RunAs.for_this_process()
+    base = root / "server"
+    base.mkdir(mode=0o700)
+    if run_as is not None:
+        for path in (root, base):
+            os.chown(path, run_as.uid, run_as.gid)
+    node = Node(f"postgres {bin_path.parent.name}", base, free_port(), bin_path, run_as)
+    try:
+        node.tool(
+            "initdb", "-D", str(node.pgdata), "--auth=trust", "--encoding=UTF8", "-U", "postgres"
+        )
+        node.configure([*_COMMON, f"port = {node.port}"])
+        node.start()
+        yield node
+    finally:
+        try:
+            node.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _children_of(pid: int) -> list[int]:
