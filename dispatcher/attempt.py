@@ -34,6 +34,8 @@ class Job:
     blocked: str | None
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
+    # Whether the subscription has a recipient for failure mails (Endpoint.mails).
+    mails: bool = False
     egress: Egress = DIRECT_EGRESS
     # The ordering key of the claimed row (sql/0010), None when unordered.
     order_key: str | None = None
@@ -80,6 +82,7 @@ def job(row: Mapping[str, Any], endpoint: Endpoint, now: float) -> Job:
         headers=endpoint.headers,
         blocked=endpoint.blocked,
         cap=endpoint.cap,
+        mails=endpoint.mails,
         egress=endpoint.egress,
         order_key=row["order_key"],
         size=row["payload_bytes"],
@@ -119,7 +122,7 @@ def judge(job: Job, outcome: Outcome, sent: bytes | None, spread: float = 0.5) -
         threshold = endpoint.failing_threshold
         created = job.message.created_at.timestamp()
         decision = decide(endpoint.policy, job.attempt, outcome, created, spread)
-        email = failure_email(endpoint.email_on, decision.verdict)
+        email = failure_email(endpoint.email_on, decision.verdict) if job.mails else None
         failed = decision.verdict is not Verdict.DELIVERED
         # A proxy outage is the operator's, not the receiver's: it never deactivates.
         error_rate = (

@@ -44,6 +44,9 @@ class Endpoint:
     blocked: str | None
     # Its own max_in_flight, else the daemon's max_per_endpoint.
     cap: int
+    # Whether failure mails have a recipient (the subscription's email): without one none
+    # is queued, and a batch of failures writes no more than its outcomes.
+    mails: bool = False
     # How its requests leave: the daemon's [egress], or the subscription's proxy and TLS.
     egress: Egress = DIRECT_EGRESS
 
@@ -107,6 +110,7 @@ def build(
         headers=headers,
         blocked=blocked,
         cap=cap,
+        mails=row["mails"],
         egress=egress,
     )
 

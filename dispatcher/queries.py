@@ -87,7 +87,8 @@ FROM leased l JOIN taken t USING (id)
 # a version it has not seen (sql/0006 moves updated_at on every change).
 SUBSCRIPTIONS = """
 SELECT id, updated_at, url, secret, profile, settings::text AS settings, auth::text AS auth,
-       previous_secret, extract(epoch FROM previous_secret_expires_at)::float8 AS previous_until,
+       email IS NOT NULL AS mails, previous_secret,
+       extract(epoch FROM previous_secret_expires_at)::float8 AS previous_until,
        signing_key, previous_signing_key,
        extract(epoch FROM previous_signing_key_expires_at)::float8 AS previous_key_until
 FROM dispatcher.subscriptions
@@ -101,7 +102,7 @@ UPDATE dispatcher.subscriptions s SET signing_key = k.key
 FROM unnest($1::uuid[], $2::text[]) AS k(id, key)
 WHERE s.id = k.id AND s.signing_key IS NULL
 RETURNING s.id, s.updated_at, s.url, s.secret, s.profile, s.settings::text AS settings,
-          s.auth::text AS auth, s.previous_secret,
+          s.auth::text AS auth, s.email IS NOT NULL AS mails, s.previous_secret,
           extract(epoch FROM s.previous_secret_expires_at)::float8 AS previous_until,
           s.signing_key, s.previous_signing_key,
           extract(epoch FROM s.previous_signing_key_expires_at)::float8 AS previous_key_until

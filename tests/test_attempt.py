@@ -28,6 +28,7 @@ def subscription(**row: Any) -> dict[str, Any]:
         "profile": "standard",
         "settings": "{}",
         "auth": "{}",
+        "mails": True,
         "previous_secret": None,
         "previous_until": None,
         **row,
@@ -139,6 +140,14 @@ def test_tilby_mails_every_failed_attempt() -> None:
     assert judged.result.decision.verdict is Verdict.RETRY
     assert judged.result.email == "attempt_failed"
     assert judged.result.body == '{"id": "p-1"}'
+
+
+def test_no_mail_is_queued_for_a_subscription_without_a_recipient() -> None:
+    job = claimed(build(subscription(profile="tilby", mails=False), DeliverySettings(), OPEN))
+    judged = attempt.judge(job, answer(500), b'{"id": "p-1"}')
+    assert judged.result.decision.verdict is Verdict.RETRY
+    assert judged.result.email is None
+    assert judged.result.body is None
 
 
 def test_a_delivered_attempt_quotes_no_body() -> None:
