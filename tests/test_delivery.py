@@ -159,9 +159,12 @@ async def test_a_slow_endpoint_does_not_starve_healthy_ones(
 
 async def test_startup_objects_stay_out_of_full_garbage_collections(database: str) -> None:
     assert gc.get_freeze_count() == 0
+    before = gc.get_threshold()
     async with daemon(settings_for(database)):
         assert gc.get_freeze_count() > 10_000  # modules, pools, the app
+        assert gc.get_threshold()[0] > before[0]  # young objects collected less often
     assert gc.get_freeze_count() == 0  # an embedding process (tests, bench) gets them back
+    assert gc.get_threshold() == before
 
 
 async def test_paused_deliveries_wait_for_reactivation(
