@@ -6,7 +6,9 @@ CI installs the browser with `apt-get install -y chromium`; without it these tes
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +133,15 @@ async def finished(db: asyncpg.Connection, subscription: UUID, status: str, coun
 
 
 async def colour(page: Page, selector: str) -> Any:
-    return await page.eval_on_selector(selector, "el => getComputedStyle(el).color")
+    """The element's computed text colour. The page re-renders what it polls; an element
+    replaced between the query and the style read is detached and has none, so the read is
+    repeated (bounded) on the element the selector finds next."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        found = await page.eval_on_selector(selector, "el => getComputedStyle(el).color")
+        if found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
 
 
 async def test_ui_is_served_as_static_files_with_a_strict_policy(site: Site) -> None:
