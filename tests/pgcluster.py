@@ -224,8 +224,12 @@ _DEBIAN_ROOT = Path("/usr/lib/postgresql")
 
 def debian_binaries() -> Path | None:
     """The bin/ folder of the newest PostgreSQL installed from Debian's packages, if any."""
-    found = [p / "bin" for p in _DEBIAN_ROOT.glob("*") if (p / "bin" / "initdb").exists()]
-    return max(found, key=lambda p: int(p.parent.name), default=None) if found else None
+    found = [
+        p / "bin"
+        for p in _DEBIAN_ROOT.glob("*")
+        if p.name.isdigit() and (p / "bin" / "initdb").exists()
+    ]
+    return max(found, key=lambda p: int(p.parent.name), default=None)
 
 
 @contextlib.contextmanager
