@@ -35,7 +35,7 @@ class Job:
     # How many requests the endpoint may have in flight at most (see flow.py).
     cap: int
     # Whether the subscription has a recipient for failure mails (Endpoint.mails).
-    mails: bool = False
+    mails: bool
     egress: Egress = DIRECT_EGRESS
     # The ordering key of the claimed row (sql/0010), None when unordered.
     order_key: str | None = None

@@ -46,7 +46,7 @@ class Endpoint:
     cap: int
     # Whether failure mails have a recipient (the subscription's email): without one none
     # is queued, and a batch of failures writes no more than its outcomes.
-    mails: bool = False
+    mails: bool
     # How its requests leave: the daemon's [egress], or the subscription's proxy and TLS.
     egress: Egress = DIRECT_EGRESS
 

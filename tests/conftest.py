@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -67,34 +68,48 @@ def pg_server() -> Iterator[PgServer]:
         base = tempfile.mkdtemp(prefix="dispatcher-test-pg-")
         server = EmbeddedPostgres(Path(base), fast_unsafe=True)
         admin_dsn = server.start()
+    try:
+        with templated(admin_dsn) as info:
+            yield info
+    finally:
+        if server is not None:
+            server.stop()
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def templated(admin_dsn: str) -> Iterator[PgServer]:
+    """A migrated template database on the server of `admin_dsn`, dropped afterwards."""
     template = f"dispatcher_template_{os.getpid()}"
     info = PgServer(admin_dsn, template)
     try:
         asyncio.run(_make_template(admin_dsn, template, info.dsn(template)))
         yield info
     finally:
-        try:
-            asyncio.run(_drop(admin_dsn, template))
-        finally:
-            if server is not None:
-                server.stop()
-            if base is not None:
-                shutil.rmtree(base, ignore_errors=True)
+        asyncio.run(_drop(admin_dsn, template))
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server: PgServer) -> AsyncIterator[str]:
+    """A fresh, migrated database (cloned from the server's template), dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(server.admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{server.template}"')
+    finally:
+        await conn.close()
+    try:
+        yield server.dsn(name)
+    finally:
+        await _drop(server.admin_dsn, name)
 
 
 @pytest.fixture
 async def database(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh, migrated database for one test (cloned from the session's template)."""
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_server.template}"')
-    finally:
-        await conn.close()
-    try:
-        yield pg_server.dsn(name)
-    finally:
-        await _drop(pg_server.admin_dsn, name)
+    async with fresh_database(pg_server) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -25,7 +25,9 @@ def job(sid: UUID) -> Job:
         created_at=datetime.fromtimestamp(T0, UTC),
         payload="{}",
     )
-    return Job(message, 1, "https://example.com/hook", ["s"], SettingsError("x", "y"), {}, None, 4)
+    return Job(
+        message, 1, "https://example.com/hook", ["s"], SettingsError("x", "y"), {}, None, 4, False
+    )
 
 
 def always(_: UUID) -> bool:
