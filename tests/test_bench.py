@@ -3,7 +3,10 @@ measured, not asserted here)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -12,6 +15,7 @@ import pytest
 from dispatcher import bench, config
 from dispatcher.bench import kit
 
+from .conftest import PgServer
 from .helpers import free_port
 
 
@@ -221,3 +225,49 @@ async def test_a_database_url_that_does_not_connect_is_a_clear_error() -> None:
     message = str(caught.value)
     assert message.startswith(f"--database-url: cannot connect to 127.0.0.1:{port}: ")
     assert "secret" not in message
+
+
+async def test_a_scratch_database_is_dropped_when_force_may_not_end_a_session(
+    pg_server: PgServer,
+) -> None:
+    # A role that may create databases but not signal another role's backends (as an
+    # autovacuum worker's is to it): DROP ... WITH (FORCE) refuses; the bench falls back to
+    # a plain DROP, which waits for the other session to leave.
+    tag = uuid.uuid4().hex[:10]
+    bench_role, other_role, name = f"bench_{tag}", f"other_{tag}", f"dispatcher_bench_{tag}"
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{bench_role}" LOGIN CREATEDB')
+        await admin.execute(f'CREATE ROLE "{other_role}" LOGIN')
+        bench_url = _as_role(pg_server.dsn("postgres"), bench_role)
+        owner = await asyncpg.connect(bench_url)
+        try:
+            await owner.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await owner.close()
+        other = await asyncpg.connect(_as_role(pg_server.dsn(name), other_role))
+        refused = await admin.fetchval(
+            "SELECT pg_has_role($1, $2, 'USAGE')", bench_role, other_role
+        )
+        assert refused is False
+        closing = asyncio.get_running_loop().call_later(
+            0.5, lambda: asyncio.ensure_future(other.close())
+        )
+        try:
+            await bench._drop_database(bench_url, name)
+        finally:
+            closing.cancel()
+            if not other.is_closed():
+                await other.close()
+        left = await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name)
+        assert left == 0
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP ROLE IF EXISTS "{bench_role}"')
+        await admin.execute(f'DROP ROLE IF EXISTS "{other_role}"')
+        await admin.close()
+
+
+def _as_role(dsn: str, role: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
