@@ -235,28 +235,33 @@ async def test_a_scratch_database_is_dropped_when_force_may_not_end_a_session(
     # a plain DROP, which waits for the other session to leave.
     tag = uuid.uuid4().hex[:10]
     bench_role, other_role, name = f"bench_{tag}", f"other_{tag}", f"dispatcher_bench_{tag}"
+    # A password, for a server that asks for one (DISPATCHER_TEST_DATABASE_URL's).
+    secret = uuid.uuid4().hex
     admin = await asyncpg.connect(pg_server.admin_dsn)
     try:
-        await admin.execute(f'CREATE ROLE "{bench_role}" LOGIN CREATEDB')
-        await admin.execute(f'CREATE ROLE "{other_role}" LOGIN')
-        bench_url = _as_role(pg_server.dsn("postgres"), bench_role)
+        await admin.execute(f"CREATE ROLE \"{bench_role}\" LOGIN CREATEDB PASSWORD '{secret}'")
+        await admin.execute(f"CREATE ROLE \"{other_role}\" LOGIN PASSWORD '{secret}'")
+        bench_url = _as_role(pg_server.dsn("postgres"), bench_role, secret)
         owner = await asyncpg.connect(bench_url)
         try:
             await owner.execute(f'CREATE DATABASE "{name}"')
         finally:
             await owner.close()
-        other = await asyncpg.connect(_as_role(pg_server.dsn(name), other_role))
+        other = await asyncpg.connect(_as_role(pg_server.dsn(name), other_role, secret))
         refused = await admin.fetchval(
             "SELECT pg_has_role($1, $2, 'USAGE')", bench_role, other_role
         )
         assert refused is False
-        closing = asyncio.get_running_loop().call_later(
-            0.5, lambda: asyncio.ensure_future(other.close())
-        )
+
+        async def leave_soon() -> None:
+            await asyncio.sleep(0.5)
+            await other.close()
+
+        leaving = asyncio.create_task(leave_soon())
         try:
             await bench._drop_database(bench_url, name)
         finally:
-            closing.cancel()
+            leaving.cancel()
             if not other.is_closed():
                 await other.close()
         left = await admin.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name)
@@ -268,6 +273,7 @@ async def test_a_scratch_database_is_dropped_when_force_may_not_end_a_session(
         await admin.close()
 
 
-def _as_role(dsn: str, role: str) -> str:
+def _as_role(dsn: str, role: str, password: str) -> str:
     parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}"))
