@@ -81,7 +81,7 @@ class Claims:
             return None
         self._outage.succeeded()
         answered = loop.time()
-        self._metrics.db_seconds.labels("claim").observe(answered - began)
+        self._metrics.observe_db("claim", answered - began, len(rows))
         self._metrics.claims.inc()
         jobs = await self.jobs_of(rows)
         full = bool(rows) and (rows[0]["scanned"] == limit or rows[0]["taken"] < rows[0]["shared"])

@@ -301,7 +301,7 @@ class Recorder:
     async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
         began = time.perf_counter()
         await conn.fetchrow(queries.RECORD, *self._outcomes(batch))
-        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
+        self._metrics.observe_db("record", time.perf_counter() - began, len(batch))
 
     async def _record_ending_heads(
         self, conn: asyncpg.Connection, batch: list[Result]
@@ -317,7 +317,7 @@ class Recorder:
             leasing.seconds if leasing is not None else 0.0,
             self._owner if leasing is not None else None,
         )
-        self._metrics.db_seconds.labels("record").observe(time.perf_counter() - began)
+        self._metrics.observe_db("record", time.perf_counter() - began, len(batch))
         if rows and leasing is None:
             await conn.execute(queries.NOTIFY_WORK)
         return rows

@@ -300,3 +300,38 @@ async def test_repeated_kill_9_under_load_loses_nothing(
     assert len(ids) == total, "every delivery arrived"
     duplicates = sum(n - 1 for n in ids.values())
     assert duplicates <= kills * MAX_IN_FLIGHT, f"{duplicates} duplicates after {kills} kills"
+
+
+async def test_a_claim_held_up_by_a_lock_is_logged_as_a_slow_statement(
+    database: str, db: asyncpg.Connection, receiver: Receiver, tmp_path: Path
+) -> None:
+    # The first attempt fails and its retry falls due 1 s later, while another session
+    # holds the queue locked: the retry's claim waits for the lock, and says so.
+    receiver.plan("/hook", 503, then=200)
+    await subscribe(db, receiver.url(), settings={"retry": {"delays": [1.0]}})
+    with DaemonProcess(database, {"DISPATCHER_LOG_LEVEL": "info"}) as proc:
+        proc.start(tmp_path)
+        await proc.wait_ready()
+        await publish(db)
+
+        async def first_attempt() -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM dispatcher.attempts"))
+
+        await poll_until(first_attempt, 10.0)
+        async with db.transaction():
+            await db.execute("LOCK TABLE dispatcher.deliveries IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(1.8)
+
+        async def logged() -> bool:
+            return "db.slow_statement" in proc.output()
+
+        await poll_until(logged, 10.0)
+        output = proc.output()
+    lines = [orjson.loads(x) for x in output.splitlines() if x.startswith("{")]
+    slow = [x for x in lines if x["event"] == "db.slow_statement"]
+    assert slow, output
+    claim = [x for x in slow if x["operation"] == "claim"]
+    assert claim, slow
+    assert claim[0]["level"] == "warning"
+    assert claim[0]["ms"] >= 500
+    assert claim[0]["rows"] == 1
