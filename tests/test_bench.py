@@ -248,10 +248,10 @@ async def test_a_scratch_database_is_dropped_when_force_may_not_end_a_session(
         finally:
             await owner.close()
         other = await asyncpg.connect(_as_role(pg_server.dsn(name), other_role, secret))
-        refused = await admin.fetchval(
+        may_signal = await admin.fetchval(
             "SELECT pg_has_role($1, $2, 'USAGE')", bench_role, other_role
         )
-        assert refused is False
+        assert may_signal is False
 
         async def leave_soon() -> None:
             await asyncio.sleep(0.5)

@@ -318,9 +318,25 @@ async def test_a_claim_held_up_by_a_lock_is_logged_as_a_slow_statement(
             return bool(await db.fetchval("SELECT count(*) FROM dispatcher.attempts"))
 
         await poll_until(first_attempt, 10.0)
-        async with db.transaction():
-            await db.execute("LOCK TABLE dispatcher.deliveries IN ACCESS EXCLUSIVE MODE")
-            await asyncio.sleep(1.8)
+        watcher = await asyncpg.connect(database)
+        try:
+            async with db.transaction():
+                await db.execute("LOCK TABLE dispatcher.deliveries IN ACCESS EXCLUSIVE MODE")
+
+                async def claim_waits() -> bool:
+                    return bool(
+                        await watcher.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND wait_event_type = 'Lock' "
+                            "AND query LIKE '%WITH due AS%'"
+                        )
+                    )
+
+                await poll_until(claim_waits, 10.0)
+                # Held past the threshold from here; the claim has waited since before.
+                await asyncio.sleep(0.6)
+        finally:
+            await watcher.close()
 
         async def logged() -> bool:
             return "db.slow_statement" in proc.output()
