@@ -120,6 +120,7 @@ WHERE d.id = r.id AND d.lease_owner = $2
 # Record a batch of outcomes in one statement: append the attempts, move finished
 # deliveries to deliveries_done, push retried ones to their next due time. A row whose
 # lease another instance has taken since is left alone (its attempt is still recorded).
+# dispatcher.record_ending_heads (sql/0014) does the same for ordered batches: change both.
 _OUTCOMES = """
 WITH o AS (
     SELECT delivery_id, subscription_id, attempt, to_timestamp(started) AS started_at,
@@ -164,56 +165,25 @@ SELECT (SELECT count(*) FROM finished) AS finished,
 """
 )
 
-# Ordered deliveries (sql/0010): a batch that ends heads of ordering keys holds those keys'
-# release locks (shared, in lock order) from before it records until it commits, and
-# records and releases each ended key's next one in one statement, in the same
-# transaction. The lock makes a publisher's commit-time check wait for this transaction
-# instead of missing it (see dispatcher.check_order); the statement's snapshot, taken once
-# the lock is held, sees every publisher that checked before. Unordered batches never run
-# these.
-HOLD_KEYS = """
-SELECT count(pg_advisory_xact_lock_shared(l.lock)) FROM (
-    SELECT DISTINCT dispatcher.order_lock(k.subscription_id, k.order_key, 1) AS lock
-    FROM unnest($1::uuid[], $2::text[]) AS k(subscription_id, order_key)
-    ORDER BY 1
-) l
-"""
-
-# RECORD, and the next one of each head it ended (the first after the head's place, if
-# waiting) released straight into this instance's lease ($14, to $12 + $13 like CLAIM's) and
-# answered as CLAIM answers: a release and a later claim would be two updates of the row
-# (the release not heap-only: `waiting` is in the claim index's predicate), this is one.
-# Only heads this statement deleted release: one whose lease another instance took is still
-# live, and ends there. `leased` is false for a paused subscription's row (released for
-# whoever claims it once it is active again) and for every row when $14 is NULL (a stopping
-# instance: released due as they were, for others).
-RECORD_ENDING_HEADS = (
-    _OUTCOMES
-    + """, ended AS (
-    -- The statement's snapshot still shows the rows `finished` deletes: their places.
-    SELECT array_agg(h.subscription_id) AS subs, array_agg(h.order_key) AS keys,
-           array_agg(h.order_seq) AS seqs
-    FROM finished f JOIN dispatcher.deliveries h ON h.id = f.id
-    WHERE h.order_key IS NOT NULL
+# Ordered deliveries (sql/0010, sql/0014): a batch that ends heads of ordering keys ($15,
+# $16) records and releases the next one of each key whose head it ended (the first after
+# the head's place, if waiting) in one call, holding the keys' release locks (shared, in
+# lock order) from before the statement's snapshot to the commit, so that a publisher's
+# commit-time check waits for it instead of missing it (see dispatcher.check_order). The
+# released rows go straight into this instance's lease ($14, to $12 + $13 like CLAIM's) and
+# answer as CLAIM answers: a release and a later claim would be two updates of the row (the
+# release not heap-only: `waiting` is in the claim index's predicate), this is one. Only
+# heads this call deleted release: one whose lease another instance took is still live, and
+# ends there. `leased` is false for a paused subscription's row (released for whoever
+# claims it once it is active again) and for every row when $14 is NULL (a stopping
+# instance: released due as they were, for others). Unordered batches never run it.
+RECORD_ENDING_HEADS = """
+SELECT * FROM dispatcher.record_ending_heads(
+    $1::bigint[], $2::uuid[], $3::int[], $4::float8[], $5::float8[], $6::int[], $7::text[],
+    $8::text[], $9::text[], $10::float8[], $11::uuid, $12::float8, $13::float8, $14::uuid,
+    $15::uuid[], $16::text[]
 )
-UPDATE dispatcher.deliveries d
-SET waiting = false,
-    lease_owner = CASE WHEN d.paused THEN NULL ELSE $14::uuid END,
-    leased_until = CASE WHEN d.paused OR $14::uuid IS NULL THEN NULL
-                        ELSE to_timestamp($12::float8 + $13::float8) END
-FROM ended CROSS JOIN LATERAL dispatcher.next_waiting(ended.subs, ended.keys, ended.seqs)
-         AS nxt(id),
-     dispatcher.events e, dispatcher.subscriptions s
-WHERE d.id = nxt.id AND d.waiting
-  AND e.id = d.event_id AND e.created_at = d.event_created_at
-  AND s.id = d.subscription_id
-RETURNING d.id, d.subscription_id, d.attempts, d.event_id, d.environment_id,
-          e.event_name, e.entity_instance_id, e.created_at, e.payload::text AS payload,
-          s.updated_at, $12::float8 AS due_at, d.order_key,
-          coalesce(e.payload_bytes, pg_column_size(e.payload)) AS payload_bytes,
-          d.lease_owner IS NOT NULL AS leased
 """
-)
 
 NOTIFY_WORK = "SELECT pg_notify('dispatcher_work', '')"
 

@@ -76,6 +76,8 @@ class Worker:
             metrics,
             interval=settings.flush_interval,
             max_batch=min(settings.flush_max, self._batch),
+            # Half the slots: when they all end at once, two flushes take turns (Recorder).
+            largest=min(settings.flush_max, max(settings.max_in_flight // 2, self._batch)),
             on_flushed=self._recorded,
             outage=outage,
             leasing=Leasing(self._clock, settings.lease_seconds, self._admit_released),

@@ -202,8 +202,9 @@ def recorder_for(
     *,
     on_flushed: Callable[[list[Result]], None] = lambda batch: None,
     leasing: Leasing | None = None,
+    largest: int | None = None,
 ) -> Recorder:
-    """The daemon's recorder on its own, flushed by the test (batches of up to 10)."""
+    """The daemon's recorder on its own, flushed by the test (a batch's worth: 10)."""
     return Recorder(
         pool,
         owner,
@@ -211,6 +212,7 @@ def recorder_for(
         Metrics(),
         interval=0.02,
         max_batch=10,
+        largest=largest,
         on_flushed=on_flushed,
         leasing=leasing,
     )

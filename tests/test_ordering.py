@@ -280,11 +280,21 @@ async def end_head(
     )
     tx = conn.transaction()
     await tx.start()
-    await conn.execute(queries.HOLD_KEYS, [sid], [key])
-    outcome = ([delivery_id], [sid], [1], [0.0], [1.0], [200], [None], [None], ["delivered"])
-    await conn.fetch(queries.RECORD_ENDING_HEADS, *outcome, [None], owner, 0.0, 0.0, None)
+    await record_head(conn, sid, key, delivery_id, owner)
     commit: Callable[[], Awaitable[None]] = tx.commit
     return commit
+
+
+async def record_head(
+    conn: asyncpg.Connection, sid: UUID, key: str, delivery_id: int, owner: UUID
+) -> list[asyncpg.Record]:
+    """queries.RECORD_ENDING_HEADS for one delivered head leased to `owner`, releasing
+    the next of its key into `owner`'s lease."""
+    outcome = ([delivery_id], [sid], [1], [0.0], [1.0], [200], [None], [None], ["delivered"])
+    rows: list[asyncpg.Record] = await conn.fetch(
+        queries.RECORD_ENDING_HEADS, *outcome, [None], owner, 0.0, 30.0, owner, [sid], [key]
+    )
+    return rows
 
 
 async def test_fan_out_makes_all_but_each_keys_first_wait(
@@ -367,6 +377,56 @@ async def test_a_head_ending_while_a_publisher_is_open_releases_the_publishers_r
         await committing
         rows = await live(db)
         assert [(r["order_key"], r["waiting"]) for r in rows] == [("a", False), ("a", True)]
+    finally:
+        await publisher.close()
+        await recorder.close()
+
+
+async def test_a_head_ending_while_a_publisher_checks_waits_and_releases_its_row(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """A publisher's commit-time check holds its key's lock when the recorder's call
+    starts: the call waits for the publisher's commit, and its statement, whose snapshot is
+    taken once the lock is held, sees the publisher's row and releases it into the lease.
+    (A snapshot taken before the wait would miss the row, and the check saw the head live:
+    the row would wait for ever.)"""
+    sid = await subscribe(db, receiver.url(), settings=ENTITY)
+    await publish_keyed(db, ["a"], 0, 1)
+    head = (await live(db))[0]["id"]
+    owner = uuid4()
+    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $2 WHERE id = $1", head, owner)
+    publisher = await asyncpg.connect(database)
+    recorder = await asyncpg.connect(database)
+    try:
+        tx = publisher.transaction()
+        await tx.start()
+        await publish_keyed(publisher, ["a"], 1, 1)
+        # Where the check stands at commit: its key's lock taken, the head still live.
+        await publisher.execute(
+            "SELECT pg_advisory_xact_lock(dispatcher.order_lock($1, 'a', 1))", sid
+        )
+        recording = asyncio.create_task(record_head(recorder, sid, "a", head, owner))
+        waiting = (
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'"
+        )
+
+        async def on_the_lock() -> bool:
+            event: str | None = await db.fetchval(waiting, recorder.get_server_pid())
+            return event == "advisory"
+
+        await poll_until(on_the_lock, 10.0)
+        await tx.commit()
+        released = await recording
+        rows = await live(db)
+        assert [(r["order_key"], r["waiting"]) for r in rows] == [("a", False)]
+        assert [r["id"] for r in released] == [rows[0]["id"]]
+        assert released[0]["leased"]
+        assert (
+            await db.fetchval(
+                "SELECT lease_owner FROM dispatcher.deliveries WHERE id = $1", rows[0]["id"]
+            )
+            == owner
+        )
     finally:
         await publisher.close()
         await recorder.close()

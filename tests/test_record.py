@@ -1,16 +1,17 @@
 """The recorder's writes against a real PostgreSQL: a result the database refuses for good is
-set aside alone, and a retry after a transient error writes only what is still unwritten."""
+set aside alone, a retry after a transient error writes only what is still unwritten, and
+a flush writes in bounded batches, each started before the last one's hand-over."""
 
 from __future__ import annotations
 
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 
 from dispatcher.policy import Decision, Outcome, Verdict
 from dispatcher.record import Result
 
-from .helpers import Receiver, publish, recorder_for, subscribe
+from .helpers import Receiver, attempts_of, publish, recorder_for, subscribe
 
 # The second statement that inserts attempts fails with serialization_failure (SQLSTATE
 # 40001), an error the recorder retries, raised by the database itself; a sequence counts
@@ -41,14 +42,7 @@ async def test_a_refused_result_is_set_aside_and_a_retry_writes_only_the_rest(
     await db.execute(FAIL_SECOND)
 
     def delivered(delivery_id: int, excerpt: str = "ok") -> Result:
-        return Result(
-            delivery_id,
-            sid,
-            1,
-            Outcome(0.0, 0.0, 0.001, status=200, body_excerpt=excerpt),
-            Decision(Verdict.DELIVERED),
-            event_name="products.create.v0",
-        )
+        return delivered_result(sid, delivery_id, excerpt)
 
     # The second one's excerpt holds a NUL, which no text column takes: the batch of four is
     # refused, then its first half, whose first result is written alone (the first attempts
@@ -71,3 +65,52 @@ async def test_a_refused_result_is_set_aside_and_a_retry_writes_only_the_rest(
     # The refused one is still queued, leased: sent again when its lease ends.
     left = await db.fetch("SELECT id, lease_owner FROM dispatcher.deliveries")
     assert [(r["id"], r["lease_owner"]) for r in left] == [(ids[1], owner)]
+
+
+def delivered_result(sid: UUID, delivery_id: int, excerpt: str = "ok") -> Result:
+    return Result(
+        delivery_id,
+        sid,
+        1,
+        Outcome(0.0, 0.0, 0.001, status=200, body_excerpt=excerpt),
+        Decision(Verdict.DELIVERED),
+        event_name="products.create.v0",
+    )
+
+
+async def test_a_flush_writes_bounded_batches_the_next_before_the_last_hand_over(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """25 results, batches of at most 10: a flush writes 10, takes the next 10 (a batch's
+    worth is waiting) before it hands the first 10 over, and leaves the last 5 for the next
+    flush (less than a batch's worth: the recorder's interval decides)."""
+    sid = await subscribe(db, receiver.url())
+    for _ in range(25):
+        await publish(db)
+    owner = uuid4()
+    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $1", owner)
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM dispatcher.deliveries ORDER BY id")]
+    handed: list[tuple[list[int], int]] = []
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        recorder = recorder_for(
+            pool,
+            owner,
+            largest=10,
+            on_flushed=lambda batch: handed.append(
+                ([r.delivery_id for r in batch], recorder.pending)
+            ),
+        )
+        for delivery_id in ids:
+            recorder.add(delivered_result(sid, delivery_id))
+        await recorder.flush()
+        # Left pending at each hand-over: the first one's came after the second batch was
+        # taken (25 - 10 - 10).
+        assert handed == [(ids[:10], 5), (ids[10:20], 5)]
+        assert len(await attempts_of(db)) == 20
+        await recorder.flush()
+        assert handed[2:] == [(ids[20:], 0)]
+    finally:
+        await pool.close()
+    assert len(await attempts_of(db)) == 25
+    assert await db.fetchval("SELECT count(*) FROM dispatcher.deliveries") == 0

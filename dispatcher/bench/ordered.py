@@ -43,11 +43,12 @@ class Ordered:
 # Mean execution time per statement kind since the last reset (milliseconds).
 MEANS = (
     TAG + "SELECT CASE WHEN query LIKE '%WITH due AS%' THEN 'claim' "
-    "WHEN query LIKE '%dispatcher.next_waiting%' THEN 'record_heads' ELSE 'record' END AS kind, "
+    "WHEN query LIKE '%dispatcher.record_ending_heads%' THEN 'record_heads' "
+    "ELSE 'record' END AS kind, "
     "sum(total_exec_time) / greatest(sum(calls), 1) AS mean_ms FROM pg_stat_statements "
     "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND query NOT LIKE '/*bench*/%' AND (query LIKE '%WITH due AS%' "
-    "OR query LIKE '%WITH o AS%' OR query LIKE '%dispatcher.next_waiting%') GROUP BY 1"
+    "OR query LIKE '%WITH o AS%' OR query LIKE '%dispatcher.record_ending_heads%') GROUP BY 1"
 )
 
 
