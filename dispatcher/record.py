@@ -159,8 +159,8 @@ class Recorder:
             await self.flush()
 
     async def flush(self, *, give_up_after: float | None = None) -> None:
-        """Write what is pending, and again while a batch's worth is waiting when a write
-        ends; retries while the database is away (until the deadline)."""
+        """Write what is pending, in batches of at most `largest`, and more while a batch's
+        worth came in meanwhile; retries while the database is away (until the deadline)."""
         try:
             await asyncio.wait_for(self._lock.acquire(), give_up_after)
         except TimeoutError:
@@ -171,7 +171,9 @@ class Recorder:
         try:
             loop = asyncio.get_running_loop()
             deadline = None if give_up_after is None else loop.time() + give_up_after
+            owed = len(self._pending)
             batch = self._take()
+            owed -= len(batch)
             # One task per batch, so a cancelled flush cannot cut a write short.
             writing = asyncio.ensure_future(self._commit(batch, deadline)) if batch else None
             while writing is not None:
@@ -181,7 +183,8 @@ class Recorder:
                 # are sent, instead of waiting for their start behind them in the loop.
                 # (Only a one-statement write: a transaction's round trips would each wait
                 # behind those requests, and hold the next write back longer.)
-                following = self._take() if self._full.is_set() else []
+                following = self._take() if owed > 0 or self._full.is_set() else []
+                owed -= len(following)
                 early = bool(following) and self._one_statement(following)
                 writing = (
                     asyncio.ensure_future(self._commit(following, deadline)) if early else None
