@@ -48,7 +48,7 @@ def gave_up(results: Iterable[Result]) -> list[Result]:
 
 @dataclass(frozen=True, slots=True)
 class StreakChanges:
-    """One batch's change to the failure streaks (queries.NOTE_STREAKS' arguments)."""
+    """One batch's change to the failure streaks (queries.RECORD_FAILURES. $19-$22)."""
 
     subscription_ids: list[UUID]
     failures: list[int]  # failed attempts after the subscription's last success here

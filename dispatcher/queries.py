@@ -304,27 +304,6 @@ DROP_PARTITIONS = "SELECT dispatcher.drop_partitions($1)"
 # dispatcher.publish_internal(), the one way past the reserved entity, in the recorder's
 # transaction. A subscription deleted meanwhile publishes nothing.
 
-# delivery_exhausted for the deliveries of a batch that gave up, and that this transaction's
-# RECORD finished (moved to deliveries_done at its now()): one whose lease another instance
-# took meanwhile ends there, and is announced there, once.
-PUBLISH_EXHAUSTED = """
-SELECT dispatcher.publish_internal(
-    array_agg(s.environment_id),
-    array_agg('dispatcher.delivery_exhausted.v1'::text),
-    array_agg(jsonb_build_object(
-        'delivery_id', x.delivery_id, 'subscription_id', x.subscription_id, 'url', s.url,
-        'event_name', x.event_name, 'outcome', x.outcome, 'attempts', x.attempts,
-        'last_status', x.last_status, 'last_error', x.last_error)))
-FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[],
-            $7::text[])
-     AS x(delivery_id, subscription_id, event_name, outcome, attempts, last_status,
-          last_error)
-JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
-WHERE EXISTS (SELECT 1 FROM dispatcher.deliveries_done f
-              WHERE f.subscription_id = x.subscription_id AND f.finished_at = now()
-                AND f.id = x.delivery_id)
-"""
-
 # endpoint_disabled for subscriptions about to be deleted by the receiver's answer (the
 # store's unsubscribe phrase); run before DELETE_SUBSCRIPTIONS.
 PUBLISH_DELETED = """
@@ -336,19 +315,49 @@ SELECT dispatcher.publish_internal(
 FROM dispatcher.subscriptions s WHERE s.id = ANY($1::uuid[]) AND s.active
 """
 
-# Failure streaks of a batch, per subscription: $2 failed attempts after its last success in
-# the batch, $3 whether it had a success (which ends a streak), $4 its failing_threshold
-# (null: never). Existing rows are locked first (in id order: two instances never deadlock)
-# and so read at their latest; a row another instance inserts meanwhile is added to. Returns
-# how many events it published: delivery_failing when a streak reaches its threshold (once,
-# `notified`), delivery_recovered when a notified streak ends.
-NOTE_STREAKS = """
-WITH b AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::int[])
+# RECORD ($1-$11), and in the same statement what the batch's failures publish: one round
+# trip and one commit where a transaction of three statements took five, so a flush with a
+# failure in it (most of them, when some endpoint is down) costs little more than one
+# without (issue 17). With empty outcomes, the second statement of an ordered batch's
+# transaction, after dispatcher.record_ending_heads recorded them.
+#
+# - delivery_exhausted for each delivery of the batch that gave up ($12-$18) and that this
+#   statement (`finished`) or the earlier one moved to deliveries_done: one whose lease
+#   another instance took meanwhile ends there, and is announced there, once.
+# - Failure streaks per subscription ($19-$22): $20 failed attempts after its last success
+#   in the batch, $21 whether it had a success (which ends a streak), $22 its
+#   failing_threshold (null: never). Existing rows are locked first (in id order: two
+#   instances never deadlock) and so read at their latest; a row another instance inserts
+#   meanwhile is added to. delivery_failing when a streak reaches its threshold (once,
+#   `notified`), delivery_recovered when a notified streak ends.
+#
+# Answers how many deliveries it finished and how many events it published.
+RECORD_FAILURES = (
+    _OUTCOMES
+    + """, exhausted AS (
+    SELECT dispatcher.publish_internal(
+        array_agg(s.environment_id),
+        array_agg('dispatcher.delivery_exhausted.v1'::text),
+        array_agg(jsonb_build_object(
+            'delivery_id', x.delivery_id, 'subscription_id', x.subscription_id, 'url', s.url,
+            'event_name', x.event_name, 'outcome', x.outcome, 'attempts', x.attempts,
+            'last_status', x.last_status, 'last_error', x.last_error))) AS published
+    FROM unnest($12::bigint[], $13::uuid[], $14::text[], $15::text[], $16::int[], $17::int[],
+                $18::text[])
+         AS x(delivery_id, subscription_id, event_name, outcome, attempts, last_status,
+              last_error)
+    JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
+    WHERE x.delivery_id IN (SELECT f.id FROM finished f)
+       OR EXISTS (SELECT 1 FROM dispatcher.deliveries_done f
+                  WHERE f.subscription_id = x.subscription_id AND f.finished_at = now()
+                    AND f.id = x.delivery_id)
+    HAVING count(*) > 0
+), b AS (
+    SELECT * FROM unnest($19::uuid[], $20::int[], $21::bool[], $22::int[])
         AS b(subscription_id, failures, succeeded, threshold)
 ), locked AS (
     SELECT f.subscription_id, f.failures, f.notified FROM dispatcher.failure_streaks f
-    WHERE f.subscription_id = ANY($1::uuid[])
+    WHERE f.subscription_id = ANY($19::uuid[])
     ORDER BY f.subscription_id
     FOR UPDATE
 ), n AS (
@@ -372,18 +381,26 @@ WITH b AS (
       AND EXISTS (SELECT 1 FROM dispatcher.subscriptions s WHERE s.id = m.subscription_id)
     ON CONFLICT (subscription_id) DO UPDATE
     SET failures = f.failures + excluded.failures, notified = f.notified OR excluded.notified
+), streak_events AS (
+    SELECT dispatcher.publish_internal(
+        array_agg(s.environment_id),
+        array_agg(CASE WHEN m.crossed THEN 'dispatcher.delivery_failing.v1'
+                       ELSE 'dispatcher.delivery_recovered.v1' END),
+        array_agg(CASE WHEN m.crossed
+            THEN jsonb_build_object('subscription_id', s.id, 'url', s.url,
+                                    'consecutive_failures', m.failures,
+                                    'threshold', m.threshold)
+            ELSE jsonb_build_object('subscription_id', s.id, 'url', s.url) END)) AS published
+    FROM m JOIN dispatcher.subscriptions s ON s.id = m.subscription_id
+    WHERE m.crossed OR m.recovered
+    HAVING count(*) > 0
 )
-SELECT coalesce(dispatcher.publish_internal(
-    array_agg(s.environment_id),
-    array_agg(CASE WHEN m.crossed THEN 'dispatcher.delivery_failing.v1'
-                   ELSE 'dispatcher.delivery_recovered.v1' END),
-    array_agg(CASE WHEN m.crossed
-        THEN jsonb_build_object('subscription_id', s.id, 'url', s.url,
-                                'consecutive_failures', m.failures, 'threshold', m.threshold)
-        ELSE jsonb_build_object('subscription_id', s.id, 'url', s.url) END)), 0)
-FROM m JOIN dispatcher.subscriptions s ON s.id = m.subscription_id
-WHERE m.crossed OR m.recovered
+SELECT (SELECT count(*) FROM finished) AS finished,
+       coalesce((SELECT sum(published) FROM exhausted), 0)
+           + coalesce((SELECT sum(published) FROM streak_events), 0) AS published
 """
+)
+
 
 # Upkeep: ended streaks swept, the live ones' subscriptions listed (at most $1) so that
 # every instance's recorder knows whose successes end a streak.

@@ -68,8 +68,9 @@ class Leasing:
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
-    """What a batch writes besides its outcomes (each a statement in one transaction), and
-    the results that end heads of ordering keys."""
+    """What a batch writes besides its outcomes: what its failures publish (in the outcomes'
+    statement, queries.RECORD_FAILURES), the rare rest (a statement each, in one
+    transaction), and the results that end heads of ordering keys."""
 
     actions: list[Result]
     emails: list[Result]
@@ -80,15 +81,12 @@ class _Parts:
     heads: list[Result]
 
     @property
+    def failures(self) -> bool:
+        return bool(self.exhausted or self.streaks)
+
+    @property
     def rare(self) -> bool:
-        return bool(
-            self.actions
-            or self.emails
-            or self.honoured
-            or self.paused
-            or self.exhausted
-            or self.streaks
-        )
+        return bool(self.actions or self.emails or self.honoured or self.paused)
 
 
 class Recorder:
@@ -286,29 +284,34 @@ class Recorder:
     def _one_statement(self, batch: list[Result]) -> bool:
         """Whether the batch is written in one statement (see _write)."""
         parts = self._parts(batch)
-        return not parts.rare and (not parts.heads or self.lease_released)
+        if parts.rare:
+            return False
+        return not parts.heads or (self.lease_released and not parts.failures)
 
     async def _write(self, batch: list[Result]) -> None:
         parts = self._parts(batch)
         if not (parts.rare or parts.heads):
-            # The common case: one statement, no transaction round trips.
-            await self._record(self._pool, batch)
+            # The common case: one statement, no transaction round trips, with what failures
+            # publish when there are any.
+            await self._record(self._pool, batch, parts)
+            self._settle(parts)
             return
-        if not parts.rare and self.lease_released:
+        if not (parts.rare or parts.failures) and self.lease_released:
             # Ordered deliveries ending heads: one call, its own transaction (sql/0014).
             released = await self._record_ending_heads(self._pool, batch, parts.heads)
             self._released += [row for row in released if row["leased"]]
             return
-        # Rare: what an answer does to its subscription, failure mails, Retry-After and the
-        # operational events of failures (and the end of an ordered key's head with them, or
-        # from a stopping instance, which notifies the others) commit with the outcomes or
-        # not at all.
+        # Rare: what an answer does to its subscription, failure mails and Retry-After (and
+        # the end of an ordered key's head with failures, or from a stopping instance, which
+        # notifies the others) commit with the outcomes or not at all.
         released = []
         async with self._pool.acquire() as conn, conn.transaction():
             if parts.heads:
                 released = await self._record_ending_heads(conn, batch, parts.heads)
+                if parts.failures:
+                    await self._record(conn, [], parts)
             else:
-                await self._record(conn, batch)
+                await self._record(conn, batch, parts)
             if parts.honoured:
                 await conn.execute(
                     queries.NOTE_RETRY_AFTER,
@@ -333,25 +336,6 @@ class Recorder:
                     [_error_text(r.outcome) for r in parts.emails],
                     [r.body for r in parts.emails],
                 )
-            if parts.exhausted:
-                await conn.execute(
-                    queries.PUBLISH_EXHAUSTED,
-                    [r.delivery_id for r in parts.exhausted],
-                    [r.subscription_id for r in parts.exhausted],
-                    [r.event_name for r in parts.exhausted],
-                    [r.decision.verdict.value for r in parts.exhausted],
-                    [r.attempt for r in parts.exhausted],
-                    [r.outcome.status for r in parts.exhausted],
-                    [_error_text(r.outcome) for r in parts.exhausted],
-                )
-            if parts.streaks:
-                await conn.execute(
-                    queries.NOTE_STREAKS,
-                    parts.streaks.subscription_ids,
-                    parts.streaks.failures,
-                    parts.streaks.succeeded,
-                    parts.streaks.thresholds,
-                )
             deactivate = [r for r in parts.actions if r.decision.action is Action.DEACTIVATE]
             if deactivate:
                 await conn.execute(
@@ -367,8 +351,7 @@ class Recorder:
                 await conn.execute(queries.PUBLISH_DELETED, delete)
                 await conn.execute(queries.DELETE_SUBSCRIPTIONS, delete)
         self._released += [row for row in released if row["leased"]]
-        if parts.streaks:
-            self.streaks.settle(parts.streaks)
+        self._settle(parts)
         for r in parts.actions:
             reason = "unsubscribe" if r.decision.action is Action.DELETE else "status"
             self._metrics.deactivations.labels(reason).inc()
@@ -379,9 +362,35 @@ class Recorder:
                 status=r.outcome.status,
             )
 
-    async def _record(self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result]) -> None:
+    def _settle(self, parts: _Parts) -> None:
+        """After the batch committed: the streaks it wrote are the known ones."""
+        if parts.streaks:
+            self.streaks.settle(parts.streaks)
+
+    async def _record(
+        self, conn: asyncpg.Pool | asyncpg.Connection, batch: list[Result], parts: _Parts
+    ) -> None:
+        """queries.RECORD, or RECORD_FAILURES when the batch's failures publish."""
         began = time.perf_counter()
-        await conn.fetchrow(queries.RECORD, *self._outcomes(batch))
+        if not parts.failures:
+            await conn.fetchrow(queries.RECORD, *self._outcomes(batch))
+        else:
+            exhausted, streaks = parts.exhausted, parts.streaks
+            await conn.fetchrow(
+                queries.RECORD_FAILURES,
+                *self._outcomes(batch),
+                [r.delivery_id for r in exhausted],
+                [r.subscription_id for r in exhausted],
+                [r.event_name for r in exhausted],
+                [r.decision.verdict.value for r in exhausted],
+                [r.attempt for r in exhausted],
+                [r.outcome.status for r in exhausted],
+                [_error_text(r.outcome) for r in exhausted],
+                streaks.subscription_ids if streaks else [],
+                streaks.failures if streaks else [],
+                streaks.succeeded if streaks else [],
+                streaks.thresholds if streaks else [],
+            )
         self._metrics.observe_db("record", time.perf_counter() - began, len(batch))
 
     async def _record_ending_heads(
