@@ -99,7 +99,7 @@ async def publish_import(request: web.Request) -> web.Response:
     _not_reserved(data)
     batch = decoded(data, ImportCreate)
     environment = environment_for(request, _or_none(batch.environment_id))
-    entities = data["entities"]  # as sent, not as _integral read them
+    entities = data["entities"]  # as sent, not as models.integral read them
     async with _within_payload_limit("entities"):
         events = await state(request).pool.fetchval(
             IMPORT, environment, batch.event_name, orjson.dumps(entities).decode()

@@ -44,6 +44,7 @@ from .models import (
     SubscriptionCreate,
     SubscriptionCursor,
     SubscriptionUpdate,
+    integral,
 )
 from .netguard import URLRejectedError, check_url
 from .profiles import PROFILES, EndpointSettings, SettingsError, resolve
@@ -250,7 +251,11 @@ def _settings(request: web.Request, data: dict[str, Any], profile: str) -> dict[
         where = "" if exc.field == "profile" or exc.field.split(".")[0] in top else "settings."
         raise invalid(where + exc.field, exc.message) from None
     _egress_checked(endpoint, "" if "tls" in top or "proxy" in top else "settings.")
-    return overrides
+    # Stored as they were read: 3.0 as 3, or the claim's `::int` of max_in_flight would
+    # refuse the row, and with it every claim.
+    settings = integral(overrides)
+    assert isinstance(settings, dict)
+    return settings
 
 
 def _asymmetric(request: web.Request, profile: str, settings: Any) -> bool:

@@ -382,7 +382,7 @@ class RotateSecret(Closed):
 class EventCreate(Closed, kw_only=True):
     environment_id: Environment | UnsetType = UNSET
     event_name: PublishedEventName
-    payload: Annotated[Any, Meta(description="Any JSON value: the event's data.")]  # see _integral
+    payload: Annotated[Any, Meta(description="Any JSON value: the event's data.")]  # see integral
     entity_instance_id: Text200 | UnsetType = UNSET
     idempotency_key: Text200 | UnsetType = UNSET
 
@@ -770,12 +770,12 @@ def decode(data: object, model: type[T], where: str = "") -> T:
     the message keeps the exact place.
     """
     try:
-        return msgspec.convert(_integral(data), model)
+        return msgspec.convert(integral(data), model)
     except msgspec.ValidationError as exc:
         raise problem(exc, where) from None
 
 
-def _integral(value: object) -> object:
+def integral(value: object) -> object:
     """JSON's 3.0 is the integer 3 (as JSON Schema says); msgspec would call it a float.
 
     Values typed Any (a payload) come out changed too: handlers take those from the body.
@@ -783,9 +783,9 @@ def _integral(value: object) -> object:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
+        return {k: integral(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_integral(v) for v in value]
+        return [integral(v) for v in value]
     return value
 
 

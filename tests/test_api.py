@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import asyncpg
@@ -17,7 +18,7 @@ from dispatcher import tokens
 from dispatcher.config import AdminSettings, SecuritySettings
 
 from .api_client import Client, wait_status
-from .helpers import Receiver, daemon, settings_for, verify_standard
+from .helpers import Receiver, daemon, poll_until, settings_for, verify_standard
 
 ADMIN_TOKEN = "admin-token-for-the-tests-0123456789"
 
@@ -534,3 +535,27 @@ async def test_ordering_is_a_setting_and_the_history_shows_who_a_delivery_waits_
     assert (one.body["status"], one.body["waiting_behind"]) == ("waiting", head)
     changed = await api.a.patch(f"/v1/subscriptions/{sid}", {"ordering": "none"}, "Subscription")
     assert changed.body["settings"]["ordering"] == "none"
+
+
+async def test_an_integral_float_setting_is_stored_as_an_integer_and_claims_go_on(
+    api: Api,
+) -> None:
+    """JSON's 4.0 is the integer 4 (the API reads it so); stored as 4.0, the claim's `::int`
+    of max_in_flight refused the row, and with it every claim of every subscription (found
+    by the fuzzer)."""
+    created = await api.a.post("/v1/subscriptions", hook(api, max_in_flight=4.0), "Subscription")
+    assert created.status == 201
+    path = f"/v1/subscriptions/{created.body['id']}"
+    patched = await api.a.patch(path, {"settings": {"max_in_flight": 6.0}}, "Subscription")
+    assert patched.status == 200
+    stored = await api.db.fetchval(
+        "SELECT settings->>'max_in_flight' FROM dispatcher.subscriptions WHERE id = $1",
+        UUID(created.body["id"]),
+    )
+    assert stored == "6"
+    await api.db.execute("SELECT dispatcher.publish('env-a', 'products.create.v1', '{}')")
+
+    async def delivered() -> bool:
+        return len(api.receiver.at("/hook")) == 1
+
+    await poll_until(delivered)

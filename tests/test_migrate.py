@@ -37,3 +37,26 @@ async def test_partitions_exist_for_today_and_the_next_days(db: asyncpg.Connecti
         "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'attempts'"
     )
     assert len(names) >= 4  # default + yesterday..today+2
+
+
+async def test_migration_15_stores_integral_max_in_flight_as_an_integer(
+    db: asyncpg.Connection,
+) -> None:
+    """A row stored before the API normalised 4.0 (it failed every claim's `::int`)."""
+    await db.execute(
+        "INSERT INTO dispatcher.subscriptions (environment_id, url, events, secret, settings) "
+        "VALUES ('env-1', 'https://example.com/a', '{products.*}', 'whsec_x', "
+        """'{"max_in_flight": 4.0, "timeout": 2.5}'), """
+        "('env-1', 'https://example.com/b', '{products.*}', 'whsec_y', "
+        """'{"max_in_flight": 7}')"""
+    )
+    [fix] = [m for m in migrate.discover() if m.version == 15]
+    await db.execute(fix.sql)
+    rows = await db.fetch(
+        "SELECT settings::text AS s, (settings->>'max_in_flight')::int AS n "
+        "FROM dispatcher.subscriptions ORDER BY url"
+    )
+    assert [(r["s"], r["n"]) for r in rows] == [
+        ('{"timeout": 2.5, "max_in_flight": 4}', 4),
+        ('{"max_in_flight": 7}', 7),
+    ]
