@@ -278,9 +278,15 @@ FROM (
 # Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
 # waited, and subscriptions by state. Leased rows count only once their lease has ended
 # (from its end, sql/0013); deliveries waiting behind their key's head count in the
-# depth, not in the age (they are not due until released).
+# depth, not in the age (they are not due until released). And what the planner believes
+# of the queue (rows, from the last VACUUM or ANALYZE; -1: never) and whether this role
+# may ANALYZE it (see upkeep.STALE_FACTOR).
 QUEUE_STATS = """
 SELECT count(*) AS depth,
+       (SELECT c.reltuples::float8 FROM pg_class c
+        WHERE c.oid = 'dispatcher.deliveries'::regclass) AS planned_rows,
+       (SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c
+        WHERE c.oid = 'dispatcher.deliveries'::regclass) AS may_analyze,
        coalesce(extract(epoch FROM now() - min(greatest(due_at, leased_until))
                 FILTER (WHERE greatest(due_at, leased_until) <= now() AND NOT waiting)), 0)
            AS oldest_due_age,
@@ -290,6 +296,8 @@ SELECT count(*) AS depth,
 FROM dispatcher.deliveries
 WHERE NOT paused
 """
+
+ANALYZE_QUEUE = "ANALYZE dispatcher.deliveries"
 
 # Client certificates of active subscriptions (settings.tls.client_cert), for their expiry.
 CLIENT_CERTIFICATES = """
