@@ -210,8 +210,13 @@ async def serve(
             streaks=worker.recorder.streaks,
         )
         mailer = Mailer(pool, settings.email, clock, outage=outage)
+
+        def work_published() -> None:
+            worker.notify()
+            upkeep.nudge()
+
         listener = Listener(
-            dsn, worker.notify, also={"dispatcher_email": mailer.notify}, outage=outage
+            dsn, work_published, also={"dispatcher_email": mailer.notify}, outage=outage
         )
 
         runner = web.AppRunner(

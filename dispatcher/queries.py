@@ -299,6 +299,15 @@ WHERE NOT paused
 
 ANALYZE_QUEUE = "ANALYZE dispatcher.deliveries"
 
+# The same belief alone, and the queue counted up to $1 rows (a check after new work).
+QUEUE_BELIEF = """
+SELECT c.reltuples::float8 AS planned_rows, pg_has_role(c.relowner, 'USAGE') AS may_analyze
+FROM pg_class c WHERE c.oid = 'dispatcher.deliveries'::regclass
+"""
+QUEUE_COUNT_UP_TO = """
+SELECT count(*) FROM (SELECT 1 FROM dispatcher.deliveries WHERE NOT paused LIMIT $1::bigint) q
+"""
+
 # Client certificates of active subscriptions (settings.tls.client_cert), for their expiry.
 CLIENT_CERTIFICATES = """
 SELECT settings->'tls'->>'client_cert' AS pem FROM dispatcher.subscriptions

@@ -5,6 +5,7 @@ daemon, as a dead worker does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from uuid import UUID
@@ -30,9 +31,12 @@ CERTIFICATE_WARNING = timedelta(days=14)
 # 0) until its next ANALYZE, up to autovacuum_naptime (a minute) after a burst begins, and
 # every claim meanwhile joined its rows pair by pair and scanned a whole index (120-210 ms
 # a claim of 120, against 1-3; the bench on Debian 15 ran at 1.5k deliveries/s for a
-# minute, issue 17). A poll analyzes it then.
+# minute, issue 17). A poll analyzes it then, and so does a check soon after new work is
+# published (nudge), at most every STATISTICS_CHECK_INTERVAL: a burst is planned as empty
+# for that long, not for a poll interval.
 STALE_MIN_ROWS = 1000
 STALE_FACTOR = 10
+STATISTICS_CHECK_INTERVAL = 1.0  # seconds
 
 
 class Dispatch(Protocol):
@@ -73,9 +77,15 @@ class Upkeep:
         self._interval = interval
         self._retention_days = retention_days
         self._told_stale = False
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """New work was published (a NOTIFY): check the queue's statistics soon."""
+        self._nudged.set()
 
     async def run(self) -> None:
-        """Poll every `interval` seconds (the first at once), maintain every hour."""
+        """Poll every `interval` seconds (the first at once), maintain every hour, check the
+        queue's statistics after a nudge (at most every STATISTICS_CHECK_INTERVAL)."""
         loop = asyncio.get_running_loop()
         # Monotonic: the intervals are real seconds, whatever the scheduler's clock does.
         next_maintenance = loop.time()
@@ -85,7 +95,15 @@ class Upkeep:
             if began >= next_maintenance:
                 next_maintenance = began + MAINTENANCE_INTERVAL
                 await self.maintain()
-            await asyncio.sleep(max(began + self._interval - loop.time(), 0.0))
+            next_poll = began + self._interval
+            while (left := next_poll - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudged.wait(), left)
+                if not self._nudged.is_set():
+                    break
+                self._nudged.clear()
+                await self.check_statistics()
+                await asyncio.sleep(min(STATISTICS_CHECK_INTERVAL, max(next_poll - loop.time(), 0)))
 
     async def poll(self) -> None:
         """The safety net: work other instances scheduled, endpoints paused by a Retry-After
@@ -117,6 +135,22 @@ class Upkeep:
         failing = self._dispatch.take_failing()
         if failing:
             await self.deactivate_failing(failing)
+
+    async def check_statistics(self) -> None:
+        """Analyze the queue if the planner believes it nearly empty (fewer than
+        STALE_MIN_ROWS) and it holds ten times that, counting no further (at most ten times
+        STALE_MIN_ROWS rows); a larger belief is the poll's to check."""
+        try:
+            belief = await self._pool.fetchrow(queries.QUEUE_BELIEF)
+            planned = belief["planned_rows"]
+            if planned >= STALE_MIN_ROWS:
+                return
+            enough = max(int(planned * STALE_FACTOR) + 1, STALE_MIN_ROWS)
+            if await self._pool.fetchval(queries.QUEUE_COUNT_UP_TO, enough) >= enough:
+                await self._analyze(enough, planned, belief["may_analyze"])
+        except DB_ERRORS as exc:
+            self._metrics.db_errors.labels("poll").inc()
+            self._outage.failed("poll", exc)
 
     async def _analyze(self, depth: int, planned: float, allowed: bool) -> None:
         """Refresh the queue's statistics (see STALE_FACTOR), or say once that this role may

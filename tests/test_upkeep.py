@@ -4,6 +4,7 @@ dead upkeep stopping the daemon like a dead worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from uuid import UUID
 
 import asyncpg
@@ -14,7 +15,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.profiles import ErrorRateLimit
 from dispatcher.upkeep import STALE_MIN_ROWS, Upkeep
 
-from .helpers import publish, settings_for, subscribe
+from .helpers import poll_until, publish, settings_for, subscribe
 
 
 class Dispatch:
@@ -105,3 +106,30 @@ async def test_a_queue_planned_as_empty_is_analyzed_once_it_fills(
         await db.execute("DELETE FROM dispatcher.deliveries WHERE id % 2 = 0")
         await upkeep.poll()
         assert await db.fetchval(planned) == 2 * STALE_MIN_ROWS
+
+
+async def test_a_nudge_after_new_work_analyzes_a_queue_planned_as_empty_before_the_next_poll(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """A burst into a queue planned as empty: the NOTIFY of new work nudges upkeep, which
+    checks the statistics within a second, not at its next poll (a minute away here)."""
+    await subscribe(db, "http://127.0.0.1:9/hook")
+    planned = "SELECT reltuples FROM pg_class WHERE oid = 'dispatcher.deliveries'::regclass"
+    async with asyncpg.create_pool(database, min_size=1, max_size=2) as pool:
+        upkeep = Upkeep(pool, Dispatch(), Metrics(), interval=60.0, retention_days=14)
+        running = asyncio.create_task(upkeep.run())
+        try:
+            await asyncio.sleep(0.2)  # its first poll, on an empty queue
+            await db.execute("VACUUM ANALYZE dispatcher.deliveries")
+            await publish(db, count=2 * STALE_MIN_ROWS)
+            assert await db.fetchval(planned) == 0
+            upkeep.nudge()
+
+            async def analyzed() -> bool:
+                return bool(await db.fetchval(planned) == 2 * STALE_MIN_ROWS)
+
+            await poll_until(analyzed, 5.0)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
