@@ -152,8 +152,11 @@ class Recorder:
         while True:
             await self._has_pending.wait()
             if not self._full.is_set():
+                # asyncio.timeout, not wait_for: wait_for returns the event's result to a
+                # task cancelled as it is set, and the cancellation is lost.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._full.wait()
             await self.flush()
 
     async def flush(self, *, give_up_after: float | None = None) -> None:

@@ -5,7 +5,6 @@ daemon, as a dead worker does."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from uuid import UUID
@@ -19,7 +18,7 @@ from .egress import describe_client_cert
 from .metrics import Metrics
 from .operational import MAX_KNOWN, Streaks
 from .profiles import ErrorRateLimit
-from .schedule import Clock
+from .schedule import Clock, Wakeup
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +76,7 @@ class Upkeep:
         self._interval = interval
         self._retention_days = retention_days
         self._told_stale = False
-        self._nudged = asyncio.Event()
+        self._nudged = Wakeup()
 
     def nudge(self) -> None:
         """New work was published (a NOTIFY): check the queue's statistics soon."""
@@ -96,9 +95,10 @@ class Upkeep:
                 next_maintenance = began + MAINTENANCE_INTERVAL
                 await self.maintain()
             next_poll = began + self._interval
+            # A Wakeup, not wait_for: wait_for returns the event's result to a task cancelled
+            # as it is set (a NOTIFY as the daemon stops), and the cancellation is lost.
             while (left := next_poll - loop.time()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudged.wait(), left)
+                await self._nudged.wait(left)
                 if not self._nudged.is_set():
                     break
                 self._nudged.clear()

@@ -133,3 +133,19 @@ async def test_a_nudge_after_new_work_analyzes_a_queue_planned_as_empty_before_t
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+async def test_upkeep_stops_when_cancelled_as_it_is_nudged(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """A NOTIFY as the daemon stops: the nudge and the cancellation in one turn of the loop.
+    (Waiting with wait_for, the nudge's result was returned and the cancellation lost: the
+    task ran on and the daemon's stop waited for it for ever.)"""
+    async with asyncpg.create_pool(database, min_size=1, max_size=2) as pool:
+        upkeep = Upkeep(pool, Dispatch(), Metrics(), interval=60.0, retention_days=14)
+        running = asyncio.create_task(upkeep.run())
+        await asyncio.sleep(0.2)  # its first poll done, waiting for the next or a nudge
+        upkeep.nudge()
+        running.cancel()
+        await asyncio.wait([running], timeout=5.0)
+        assert running.cancelled()
