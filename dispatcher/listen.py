@@ -70,8 +70,11 @@ class Listener:
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Wait for the connection to drop; a cheap ping every few seconds finds a dead peer."""
         while not lost.is_set():
+            # asyncio.timeout, not wait_for: wait_for returns the event's result to a task
+            # cancelled as it is set, and the cancellation is lost.
             try:
-                await asyncio.wait_for(lost.wait(), 5.0)
+                async with asyncio.timeout(5.0):
+                    await lost.wait()
             except TimeoutError:
                 await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
 

@@ -234,8 +234,11 @@ class Mailer:
             backoff.reset()
             if claimed >= self._batch:
                 continue  # more may be due right now
+            # asyncio.timeout, not wait_for: wait_for returns the event's result to a task
+            # cancelled as it is set, and the cancellation is lost.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), s.poll_interval)
+                async with asyncio.timeout(s.poll_interval):
+                    await self._wake.wait()
 
     async def run_once(self) -> int:
         """Claim one batch of due mails, send them, record the outcomes; the number claimed."""
