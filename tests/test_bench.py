@@ -216,6 +216,23 @@ def test_ramp_is_the_first_smoothed_rate_within_ten_percent_of_the_peak() -> Non
     assert rose.series_per_s[:5] == [0, 0, 100, 500, 1000]
 
 
+def test_a_backlog_answered_within_the_bucket_after_the_commit_has_a_peak() -> None:
+    """All 300 answers in the one bucket after the commit's (a small backlog published late
+    in a bucket): that bucket counts, not as a cut-short tail (the peak was 0), smoothed
+    with the commit's empty one: 300/s."""
+    answered = kit.Answered(
+        answered=300,
+        first_at=10.45,
+        last_at=10.53,
+        bucket_seconds=0.5,
+        buckets=[(21, 300)],
+    )
+    rose = kit.ramp(answered, since=10.4)
+    assert rose.peak_per_s == 300.0
+    assert rose.ramp_s == 1.0
+    assert rose.series_per_s == [0, 600]
+
+
 async def test_a_database_url_that_does_not_connect_is_a_clear_error() -> None:
     port = free_port()
     url = f"postgresql://bench:secret@127.0.0.1:{port}/postgres"

@@ -398,9 +398,10 @@ def ramp(answered: Answered, since: float) -> Ramp:
     for bucket, n in answered.buckets:
         counts[max(bucket - start, 0)] = counts.get(max(bucket - start, 0), 0) + n
     last = max(counts)
-    # The last bucket is cut short by the end of the backlog: not a rate.
+    # The last bucket is cut short by the end of the backlog: not a rate, unless no bucket
+    # before it had an answer (a backlog answered within one bucket after the commit's).
     series = [counts.get(i, 0) / step for i in range(last + 1)]
-    full = series[:-1] or series
+    full = series[:-1] if any(series[:-1]) else series
     smooth = [
         sum(full[max(0, i - SMOOTH + 1) : i + 1]) / len(full[max(0, i - SMOOTH + 1) : i + 1])
         for i in range(len(full))
