@@ -278,15 +278,9 @@ FROM (
 # Gauges for /metrics: live deliveries (not paused), how long the oldest due one has
 # waited, and subscriptions by state. Leased rows count only once their lease has ended
 # (from its end, sql/0013); deliveries waiting behind their key's head count in the
-# depth, not in the age (they are not due until released). And what the planner believes
-# of the queue (rows, from the last VACUUM or ANALYZE; -1: never) and whether this role
-# may ANALYZE it (see upkeep.STALE_FACTOR).
+# depth, not in the age (they are not due until released).
 QUEUE_STATS = """
 SELECT count(*) AS depth,
-       (SELECT c.reltuples::float8 FROM pg_class c
-        WHERE c.oid = 'dispatcher.deliveries'::regclass) AS planned_rows,
-       (SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c
-        WHERE c.oid = 'dispatcher.deliveries'::regclass) AS may_analyze,
        coalesce(extract(epoch FROM now() - min(greatest(due_at, leased_until))
                 FILTER (WHERE greatest(due_at, leased_until) <= now() AND NOT waiting)), 0)
            AS oldest_due_age,
@@ -299,7 +293,9 @@ WHERE NOT paused
 
 ANALYZE_QUEUE = "ANALYZE dispatcher.deliveries"
 
-# The same belief alone, and the queue counted up to $1 rows (a check after new work).
+# What the planner believes of the queue (rows, from the last VACUUM or ANALYZE; -1: never),
+# whether this role may ANALYZE it, and the queue counted up to $1 rows (see
+# upkeep.STALE_FACTOR).
 QUEUE_BELIEF = """
 SELECT c.reltuples::float8 AS planned_rows, pg_has_role(c.relowner, 'USAGE') AS may_analyze
 FROM pg_class c WHERE c.oid = 'dispatcher.deliveries'::regclass

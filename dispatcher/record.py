@@ -186,7 +186,7 @@ class Recorder:
                 # behind those requests, and hold the next write back longer.)
                 following = self._take() if owed > 0 or self._full.is_set() else []
                 owed -= len(following)
-                early = bool(following) and self._one_statement(following)
+                early = bool(following) and self._one_statement(self._parts(following))
                 writing = (
                     asyncio.ensure_future(self._commit(following, deadline)) if early else None
                 )
@@ -284,25 +284,23 @@ class Recorder:
             ],
         )
 
-    def _one_statement(self, batch: list[Result]) -> bool:
-        """Whether the batch is written in one statement (see _write)."""
-        parts = self._parts(batch)
+    def _one_statement(self, parts: _Parts) -> bool:
+        """Whether the batch is written in one statement, no transaction round trips: its
+        outcomes with what its failures publish (the common case), or an ordered batch's
+        ending heads without failures (one call, its own transaction: sql/0014)."""
         if parts.rare:
             return False
         return not parts.heads or (self.lease_released and not parts.failures)
 
     async def _write(self, batch: list[Result]) -> None:
         parts = self._parts(batch)
-        if not (parts.rare or parts.heads):
-            # The common case: one statement, no transaction round trips, with what failures
-            # publish when there are any.
-            await self._record(self._pool, batch, parts)
-            self._settle(parts)
-            return
-        if not (parts.rare or parts.failures) and self.lease_released:
-            # Ordered deliveries ending heads: one call, its own transaction (sql/0014).
-            released = await self._record_ending_heads(self._pool, batch, parts.heads)
-            self._released += [row for row in released if row["leased"]]
+        if self._one_statement(parts):
+            if parts.heads:
+                released = await self._record_ending_heads(self._pool, batch, parts.heads)
+                self._released += [row for row in released if row["leased"]]
+            else:
+                await self._record(self._pool, batch, parts)
+                self._settle(parts)
             return
         # Rare: what an answer does to its subscription, failure mails and Retry-After (and
         # the end of an ordered key's head with failures, or from a stopping instance, which

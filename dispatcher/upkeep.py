@@ -119,9 +119,8 @@ class Upkeep:
             self._metrics.oldest_due_age.set(float(stats["oldest_due_age"]))
             self._metrics.subscriptions.labels("active").set(stats["active_subscriptions"])
             self._metrics.subscriptions.labels("inactive").set(stats["inactive_subscriptions"])
-            depth, planned = stats["depth"], stats["planned_rows"]
-            if depth >= STALE_MIN_ROWS and planned * STALE_FACTOR < depth:
-                await self._analyze(depth, planned, stats["may_analyze"])
+            if stats["depth"] >= STALE_MIN_ROWS:
+                await self._check_statistics(stats["depth"])
             if self._streaks is not None:
                 # Other instances' streaks too: a success recorded here must end them.
                 before = self._streaks.snapshot()
@@ -137,24 +136,32 @@ class Upkeep:
             await self.deactivate_failing(failing)
 
     async def check_statistics(self) -> None:
-        """Analyze the queue if the planner believes it nearly empty (fewer than
-        STALE_MIN_ROWS) and it holds ten times that, counting no further (at most ten times
-        STALE_MIN_ROWS rows); a larger belief is the poll's to check."""
+        """After a nudge: the queue's statistics (see _check_statistics), counted only while
+        the planner believes it nearly empty."""
         try:
-            belief = await self._pool.fetchrow(queries.QUEUE_BELIEF)
-            planned = belief["planned_rows"]
-            if planned >= STALE_MIN_ROWS:
-                return
-            enough = max(int(planned * STALE_FACTOR) + 1, STALE_MIN_ROWS)
-            if await self._pool.fetchval(queries.QUEUE_COUNT_UP_TO, enough) >= enough:
-                await self._analyze(enough, planned, belief["may_analyze"])
+            await self._check_statistics(None)
         except DB_ERRORS as exc:
             self._metrics.db_errors.labels("poll").inc()
             self._outage.failed("poll", exc)
 
+    async def _check_statistics(self, depth: int | None) -> None:
+        """Analyze the queue if it holds at least STALE_MIN_ROWS and ten times what the
+        planner believes, or say once that this role may not (it does not own the table).
+        `depth` is the poll's count; without it the queue is counted only while the planner
+        believes fewer than STALE_MIN_ROWS, and no further than the answer needs (at most
+        ten times STALE_MIN_ROWS rows): a larger belief is the poll's to check."""
+        belief = await self._pool.fetchrow(queries.QUEUE_BELIEF)
+        planned = belief["planned_rows"]
+        if depth is None:
+            if planned >= STALE_MIN_ROWS:
+                return
+            enough = max(int(planned * STALE_FACTOR) + 1, STALE_MIN_ROWS)
+            depth = await self._pool.fetchval(queries.QUEUE_COUNT_UP_TO, enough)
+        if depth >= STALE_MIN_ROWS and planned * STALE_FACTOR < depth:
+            await self._analyze(depth, planned, belief["may_analyze"])
+
     async def _analyze(self, depth: int, planned: float, allowed: bool) -> None:
-        """Refresh the queue's statistics (see STALE_FACTOR), or say once that this role may
-        not (it does not own the table)."""
+        """Refresh the queue's statistics, or say once that this role may not."""
         if allowed:
             await self._pool.execute(queries.ANALYZE_QUEUE)
             log.info("queue.analyzed", depth=depth, planned_rows=planned)

@@ -327,6 +327,17 @@ async def poll_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         await asyncio.sleep(0.02)
 
 
+async def wait_on_advisory_lock(db: asyncpg.Connection, pid: int) -> None:
+    """Until the backend `pid` waits for an advisory lock."""
+    waiting = "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'"
+
+    async def on_the_lock() -> bool:
+        event: str | None = await db.fetchval(waiting, pid)
+        return event == "advisory"
+
+    await poll_until(on_the_lock, 10.0)
+
+
 # -- hostile receivers and faults -------------------------------------------------------
 
 

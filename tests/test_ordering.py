@@ -40,6 +40,7 @@ from .helpers import (
     recorder_for,
     settings_for,
     subscribe,
+    wait_on_advisory_lock,
 )
 from .test_faults import delivered_by, metrics_of
 
@@ -363,15 +364,7 @@ async def test_a_head_ending_while_a_publisher_is_open_releases_the_publishers_r
         await publish_keyed(publisher, ["a"], 3, 1)
         commit = await end_head(recorder, sid, "a", head)
         committing = asyncio.create_task(tx.commit())
-        waiting = (
-            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'"
-        )
-
-        async def on_the_lock() -> bool:
-            event: str | None = await db.fetchval(waiting, publisher.get_server_pid())
-            return event == "advisory"
-
-        await poll_until(on_the_lock, 10.0)
+        await wait_on_advisory_lock(db, publisher.get_server_pid())
         assert not committing.done(), "the publisher's check waits for the recorder"
         await commit()
         await committing
@@ -406,15 +399,7 @@ async def test_a_head_ending_while_a_publisher_checks_waits_and_releases_its_row
             "SELECT pg_advisory_xact_lock(dispatcher.order_lock($1, 'a', 1))", sid
         )
         recording = asyncio.create_task(record_head(recorder, sid, "a", head, owner))
-        waiting = (
-            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'"
-        )
-
-        async def on_the_lock() -> bool:
-            event: str | None = await db.fetchval(waiting, recorder.get_server_pid())
-            return event == "advisory"
-
-        await poll_until(on_the_lock, 10.0)
+        await wait_on_advisory_lock(db, recorder.get_server_pid())
         await tx.commit()
         released = await recording
         rows = await live(db)

@@ -33,12 +33,7 @@ CREATE TRIGGER fail_second AFTER INSERT ON dispatcher.attempts
 async def test_a_refused_result_is_set_aside_and_a_retry_writes_only_the_rest(
     database: str, db: asyncpg.Connection, receiver: Receiver
 ) -> None:
-    sid = await subscribe(db, receiver.url())
-    for _ in range(4):
-        await publish(db)
-    owner = uuid4()
-    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $1", owner)
-    ids = [r["id"] for r in await db.fetch("SELECT id FROM dispatcher.deliveries ORDER BY id")]
+    sid, owner, ids = await leased(db, receiver, 4)
     await db.execute(FAIL_SECOND)
 
     def delivered(delivery_id: int, excerpt: str = "ok") -> Result:
@@ -67,6 +62,20 @@ async def test_a_refused_result_is_set_aside_and_a_retry_writes_only_the_rest(
     assert [(r["id"], r["lease_owner"]) for r in left] == [(ids[1], owner)]
 
 
+async def leased(
+    db: asyncpg.Connection, receiver: Receiver, count: int
+) -> tuple[UUID, UUID, list[int]]:
+    """`count` deliveries to one subscription, all leased to one owner: the subscription,
+    the owner and the delivery ids in order."""
+    sid = await subscribe(db, receiver.url())
+    for _ in range(count):
+        await publish(db)
+    owner = uuid4()
+    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $1", owner)
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM dispatcher.deliveries ORDER BY id")]
+    return sid, owner, ids
+
+
 def delivered_result(sid: UUID, delivery_id: int, excerpt: str = "ok") -> Result:
     return Result(
         delivery_id,
@@ -84,12 +93,7 @@ async def test_a_flush_writes_bounded_batches_the_next_before_the_last_hand_over
     """25 results, batches of at most 10: a flush writes 10, and takes the next 10 before it
     hands the first 10 over (and the last 5 before the second hand-over), so that the next
     write is under way while the requests the last one freed start."""
-    sid = await subscribe(db, receiver.url())
-    for _ in range(25):
-        await publish(db)
-    owner = uuid4()
-    await db.execute("UPDATE dispatcher.deliveries SET lease_owner = $1", owner)
-    ids = [r["id"] for r in await db.fetch("SELECT id FROM dispatcher.deliveries ORDER BY id")]
+    sid, owner, ids = await leased(db, receiver, 25)
     handed: list[tuple[list[int], int]] = []
     pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
     try:
