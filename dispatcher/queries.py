@@ -120,7 +120,7 @@ WHERE d.id = r.id AND d.lease_owner = $2
 # Record a batch of outcomes in one statement: append the attempts, move finished
 # deliveries to deliveries_done, push retried ones to their next due time. A row whose
 # lease another instance has taken since is left alone (its attempt is still recorded).
-# dispatcher.record_ending_heads (sql/0014) does the same for ordered batches: change both.
+# dispatcher.record_ending_heads (sql/0016) does the same for ordered batches: change both.
 _OUTCOMES = """
 WITH o AS (
     SELECT delivery_id, subscription_id, attempt, to_timestamp(started) AS started_at,
@@ -165,18 +165,19 @@ SELECT (SELECT count(*) FROM finished) AS finished,
 """
 )
 
-# Ordered deliveries (sql/0010, sql/0014): a batch that ends heads of ordering keys ($15,
-# $16) records and releases the next one of each key whose head it ended (the first after
-# the head's place, if waiting) in one call, holding the keys' release locks (shared, in
-# lock order) from before the statement's snapshot to the commit, so that a publisher's
-# commit-time check waits for it instead of missing it (see dispatcher.check_order). The
-# released rows go straight into this instance's lease ($14, to $12 + $13 like CLAIM's) and
-# answer as CLAIM answers: a release and a later claim would be two updates of the row (the
-# release not heap-only: `waiting` is in the claim index's predicate), this is one. Only
-# heads this call deleted release: one whose lease another instance took is still live, and
-# ends there. `leased` is false for a paused subscription's row (released for whoever
-# claims it once it is active again) and for every row when $14 is NULL (a stopping
-# instance: released due as they were, for others). Unordered batches never run it.
+# Ordered deliveries (sql/0010, sql/0014, sql/0016): a batch that ends heads of ordering
+# keys ($15, $16) records and releases the next one of each key whose head it ended (the
+# first after the head's place, if waiting) in one call, holding the keys' release locks
+# (shared, in lock order) from before the statement's snapshot to the commit, so that a
+# publisher's commit-time check waits for it instead of missing it (see
+# dispatcher.check_order). The released rows go straight into this instance's lease ($14, to
+# $12 + $13 like CLAIM's) and answer as CLAIM answers: a release and a later claim would be
+# two updates of the row (the release not heap-only: `waiting` is in the claim index's
+# predicate), this is one. Only heads this call deleted release: one whose lease another
+# instance took is still live, and ends there. `leased` is false for a paused subscription's
+# row (released for whoever claims it once it is active again) and for every row when $14 is
+# NULL (a stopping instance: released due as they were, for others). Unordered batches never
+# run it.
 RECORD_ENDING_HEADS = """
 SELECT * FROM dispatcher.record_ending_heads(
     $1::bigint[], $2::uuid[], $3::int[], $4::float8[], $5::float8[], $6::int[], $7::text[],

@@ -287,7 +287,7 @@ class Recorder:
     def _one_statement(self, parts: _Parts) -> bool:
         """Whether the batch is written in one statement, no transaction round trips: its
         outcomes with what its failures publish (the common case), or an ordered batch's
-        ending heads without failures (one call, its own transaction: sql/0014)."""
+        ending heads without failures (one call, its own transaction: sql/0014, sql/0016)."""
         if parts.rare:
             return False
         return not parts.heads or (self.lease_released and not parts.failures)
