@@ -19,28 +19,17 @@
 # within it come back with their due time and are started at it, not a claim's round trip
 # after it. A delivery waiting behind the head of its ordering key is not claimable
 # (sql/0010: the index leaves it out); `order_key` tells the recorder which claimed rows are
-# heads. The queue's statistics are always stale, and the planner multiplies the lease
-# test's selectivity into the due scan's estimate: analyzed while most rows were leased, it
-# took the scan for a few hundred rows and read and sorted every due row instead (a claim of
-# 90 took 12 ms, not 3). So the test uses coalesce, which has no statistics, and carries `OR
-# due_at > $1`, false beside `due_at <= $1` but estimated as likely as the due test is not:
-# the scan's estimate stays what it was before leases had their own column. (Turning table
-# and bitmap scans off for the worker's connections did the same on PostgreSQL 18 and made
-# every plan with a table scan arbitrary on 15: the faulty scenario fell to 0.22.) The
-# update finds its rows by `id = ANY(...)` alone, one pass over the primary key whatever the
-# estimate of the rows taken, and the answer joins what it returns to `taken`: joined in
-# the update itself, PostgreSQL 15 with fresh statistics probed the key for every taken id
-# once per taken row (128 rows: 18k buffers, 4 of the claim's 6.5 ms).
+# heads. The due rows are read by dispatcher.due_deliveries (sql/0017), whose plan is the
+# due index in order whatever the queue's statistics say, which are always stale: planned
+# from them, a claim read and sorted every due row after the queue was vacuumed empty, or
+# analyzed while most rows were leased. The update finds its rows by `id = ANY(...)` alone,
+# one pass over the primary key whatever the estimate of the rows taken, and the answer
+# joins what it returns to `taken`: joined in the update itself, PostgreSQL 15 with fresh
+# statistics probed the key for every taken id once per taken row (128 rows: 18k buffers,
+# 4 of the claim's 6.5 ms).
 CLAIM = """
 WITH due AS (
-    SELECT id, subscription_id, due_at, event_id, event_created_at
-    FROM dispatcher.deliveries
-    WHERE due_at <= to_timestamp($1::float8) AND NOT paused AND NOT waiting
-      AND (coalesce(leased_until, '-infinity') <= to_timestamp($1::float8)
-           OR due_at > to_timestamp($1::float8))
-      AND subscription_id <> ALL($4::uuid[])
-    ORDER BY due_at
-    LIMIT $2::int
+    SELECT * FROM dispatcher.due_deliveries($1::float8, $2::int, $4::uuid[])
 ), shared AS (
     SELECT c.id, s.updated_at FROM (
         SELECT due.*,
