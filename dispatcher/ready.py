@@ -24,6 +24,10 @@ class ReadyQueue:
         self._ready: dict[UUID, deque[tuple[float, Job]]] = {}
         self._count = 0
         self._early: list[tuple[float, int, Job]] = []
+        # Ready jobs of subscriptions that `admit` turned away when take() last looked at
+        # them (their endpoint at its cap): how many each had then, and their sum.
+        self._blocked: dict[UUID, int] = {}
+        self._blocked_count = 0
 
     def __len__(self) -> int:
         """Ready and early jobs (what a claim counts as taken)."""
@@ -32,6 +36,16 @@ class ReadyQueue:
     @property
     def ready(self) -> int:
         return self._count
+
+    @property
+    def blocked(self) -> int:
+        """Ready jobs waiting for their own endpoint, not for a free slot: those of the
+        subscriptions take() last found at their cap, as many as they had then (a job
+        readied for one since is not counted until take() looks at it again)."""
+        return self._blocked_count
+
+    def _unblock(self, sid: UUID) -> None:
+        self._blocked_count -= self._blocked.pop(sid, 0)
 
     def push(self, job: Job, mono: float) -> None:
         self._ready.setdefault(job.message.subscription_id, deque()).append((mono, job))
@@ -67,10 +81,14 @@ class ReadyQueue:
             queue = self._ready.get(sid)
             if queue is None:
                 continue
+            self._unblock(sid)
             while queue and len(jobs) < slots and admit(sid):
                 jobs.append(queue.popleft()[1])
             if not queue:
                 del self._ready[sid]
+            elif len(jobs) < slots:  # turned away: its endpoint is at its cap
+                self._blocked[sid] = len(queue)
+                self._blocked_count += len(queue)
         self._count -= len(jobs)
         return jobs
 
@@ -80,6 +98,8 @@ class ReadyQueue:
         stale: list[Job] = []
         for sid in list(self._ready):
             queue = self._ready[sid]
+            if queue and mono - queue[0][0] > self._max_age:
+                self._unblock(sid)
             while queue and mono - queue[0][0] > self._max_age:
                 stale.append(queue.popleft()[1])
             if not queue:
@@ -98,5 +118,7 @@ class ReadyQueue:
         early = [(due, job) for due, _, job in self._early]
         self._ready.clear()
         self._count = 0
+        self._blocked.clear()
+        self._blocked_count = 0
         self._early.clear()
         return ready, early

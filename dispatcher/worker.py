@@ -169,11 +169,13 @@ class Worker:
 
     def _claimable(self) -> int:
         """How many deliveries a claim may take: the free slots plus a batch to have ready,
-        less what is claimed and not started yet; none while the claimed payloads fill
-        claim_bytes."""
+        less what is claimed and not started yet, except what waits for an endpoint at its
+        cap (it starts as that endpoint's own requests end, never in another's slot: one
+        endpoint that hangs held its ready jobs against every claim, bench faulty, issue
+        17); none while the claimed payloads fill claim_bytes."""
         if self._held_bytes >= self._settings.claim_bytes:
             return 0
-        return self._free_slots() + self._batch - len(self._queue)
+        return self._free_slots() + self._batch - len(self._queue) + self._queue.blocked
 
     def _bytes_left(self) -> int:
         return self._settings.claim_bytes - self._held_bytes

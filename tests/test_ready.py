@@ -111,3 +111,37 @@ def test_clear_returns_ready_jobs_and_early_ones_with_their_due_times() -> None:
     queue.hold(T0 + 3, early)
     assert queue.clear() == ([ready], [(T0 + 3, early)])
     assert len(queue) == 0
+
+
+def test_jobs_turned_away_by_their_endpoint_count_as_blocked_until_it_admits_again() -> None:
+    """What the worker keeps out of a claim's room (Worker._claimable): ready jobs that wait
+    for their own endpoint, not for a free slot."""
+    queue = ReadyQueue(max_age=2.0)
+    hung, busy = uuid4(), uuid4()
+    for j in [job(hung) for _ in range(3)] + [job(busy) for _ in range(2)]:
+        queue.push(j, 0.0)
+    assert queue.blocked == 0  # not looked at yet
+    # hung is turned away; busy's second job stays because the slots ran out: not blocked.
+    assert len(queue.take(1, lambda sid: sid != hung)) == 1
+    assert queue.blocked == 3
+    started = queue.take(1, always, first=hung)
+    assert [j.message.subscription_id for j in started] == [hung]
+    assert queue.blocked == 0
+    assert queue.take(5, lambda sid: sid == busy)[0].message.subscription_id == busy
+    assert queue.blocked == 2
+
+
+def test_blocked_jobs_that_go_stale_or_are_cleared_are_no_longer_counted() -> None:
+    queue = ReadyQueue(max_age=2.0)
+    hung = uuid4()
+    for j in [job(hung) for _ in range(2)]:
+        queue.push(j, 0.0)
+    queue.take(4, lambda _: False)
+    assert queue.blocked == 2
+    assert len(queue.stale(3.0)) == 2
+    assert queue.blocked == 0
+    queue.push(job(hung), 3.0)
+    queue.take(4, lambda _: False)
+    assert queue.blocked == 1
+    queue.clear()
+    assert queue.blocked == 0
