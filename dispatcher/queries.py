@@ -325,8 +325,10 @@ FROM dispatcher.subscriptions s WHERE s.id = ANY($1::uuid[]) AND s.active
 # transaction, after dispatcher.record_ending_heads recorded them.
 #
 # - delivery_exhausted for each delivery of the batch that gave up ($12-$18) and that this
-#   statement (`finished`) or the earlier one moved to deliveries_done: one whose lease
-#   another instance took meanwhile ends there, and is announced there, once.
+#   statement (`finished`) or, when $23 says so, the earlier one moved to deliveries_done:
+#   one whose lease another instance took meanwhile ends there, and is announced there,
+#   once. $23 false (the one-statement case) folds the lookup of deliveries_done away
+#   before planning: 0.34 against 0.51 ms of planning a call.
 # - Failure streaks per subscription ($19-$22): $20 failed attempts after its last success
 #   in the batch, $21 whether it had a success (which ends a streak), $22 its
 #   failing_threshold (null: never). Existing rows are locked first (in id order: two
@@ -351,9 +353,9 @@ RECORD_FAILURES = (
               last_error)
     JOIN dispatcher.subscriptions s ON s.id = x.subscription_id
     WHERE x.delivery_id IN (SELECT f.id FROM finished f)
-       OR EXISTS (SELECT 1 FROM dispatcher.deliveries_done f
-                  WHERE f.subscription_id = x.subscription_id AND f.finished_at = now()
-                    AND f.id = x.delivery_id)
+       OR ($23::bool AND EXISTS (SELECT 1 FROM dispatcher.deliveries_done f
+                                 WHERE f.subscription_id = x.subscription_id
+                                   AND f.finished_at = now() AND f.id = x.delivery_id))
     HAVING count(*) > 0
 ), b AS (
     SELECT * FROM unnest($19::uuid[], $20::int[], $21::bool[], $22::int[])

@@ -391,6 +391,7 @@ class Recorder:
                 streaks.failures if streaks else [],
                 streaks.succeeded if streaks else [],
                 streaks.thresholds if streaks else [],
+                not batch,  # recorded by the transaction's earlier statement
             )
         self._metrics.observe_db("record", time.perf_counter() - began, len(batch))
 

@@ -178,6 +178,30 @@ async def test_a_delivery_that_gives_up_publishes_delivery_exhausted(
     ]
 
 
+async def test_ordered_deliveries_that_give_up_each_publish_delivery_exhausted(
+    database: str, db: asyncpg.Connection, receiver: Receiver
+) -> None:
+    """An ordered head that gives up is recorded (and its successor released) by
+    dispatcher.record_ending_heads; its delivery_exhausted comes from the transaction's
+    second statement, which finds it in deliveries_done (queries.RECORD_FAILURES, $23)."""
+    await watch(db, receiver)
+    receiver.plan("/hook", then=500)
+    sid = await subscribe(
+        db,
+        receiver.url("/hook"),
+        settings={"ordering": "subscription", "retry": {"delays": [0.05], "max_attempts": 1}},
+    )
+    await publish(db, count=3)
+    async with daemon(settings_for(database)):
+        await wait_ops(receiver, "dispatcher.delivery_exhausted.v1", count=3)
+    finished = await db.fetch(
+        "SELECT id FROM dispatcher.deliveries_done WHERE subscription_id = $1 ORDER BY id", sid
+    )
+    exhausted = [d for n, d in ops(receiver) if n == "dispatcher.delivery_exhausted.v1"]
+    assert sorted(d["delivery_id"] for d in exhausted) == [r["id"] for r in finished]
+    assert len(finished) == 3
+
+
 async def test_failing_is_published_once_per_streak_at_the_threshold_and_recovered_after(
     database: str, db: asyncpg.Connection, receiver: Receiver
 ) -> None:
