@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from .config import Settings
+from .dberrors import UNAVAILABLE
 from .listen import Listener
 from .metrics import Metrics
 from .models import Invalid, decode
@@ -109,8 +110,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             # RFC 9110: a 405 names the methods the resource does support.
             answer.headers["Allow"] = exc.headers["Allow"]
         return answer
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+    except UNAVAILABLE as exc:
         log.warning("admin.unavailable", path=request.path, error=str(exc))
+        if isinstance(exc, asyncpg.InternalClientError):
+            # Its connection may go back to the pool broken, failing every request after.
+            await request.app[STATE].pool.expire_connections()
         return _error_body(503, "unavailable", "database unavailable, try again", None)
     except Exception:
         log.exception("admin.failed", method=request.method, path=request.path)

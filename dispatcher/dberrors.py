@@ -21,6 +21,22 @@ DB_ERRORS = (
     asyncpg.InternalClientError,
 )
 
+# The database away, or ending this connection: no connection, a closed one, the server's
+# FATAL for a backend it ends (57P01 pg_terminate_backend or a shutdown, 57P02 a crash,
+# 57P03 not accepting connections yet), which a failover's old primary sends to the
+# connections a pool still holds, or asyncpg's InternalClientError for one it ended in the
+# middle of an operation (whose pool should expire its connections: see above). Worth a
+# retry by whoever asked, not a bug.
+UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
 
 class Backoff:
     """Delays after failed calls: `first`, doubling up to `cap`; reset() after a success."""
